@@ -1,0 +1,116 @@
+"""Defaults shared by every config; each config file overrides what differs. Every field is commented."""
+
+import ml_collections
+
+from mixie.model.llama import PROJECTIONS
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full config tree with defaults; `configs/*.py` start from it."""
+  c = ml_collections.ConfigDict()
+  c.workdir = "/tmp/mixie"  # every stage reads and writes here (local path or gs://)
+  c.seed = 0  # one seed for data split, initialisation and sampling
+
+  # --- the frozen base model -----------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.source = "gguf"  # "gguf" (a .gguf file), "hf" (config.json + *.safetensors dir), "random"
+  c.model.path = ""  # checkpoint file/dir; "" with source=gguf means the shipped SmolLM2-135M GGUF
+  c.model.preset = ""  # with source=random: a preset name from mixie.model.llama.PRESETS
+  c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
+  c.model.param_dtype = "float32"  # storage dtype of the base: float32 or bfloat16
+  c.model.attention_impl = ""  # "" lets JAX pick (cuDNN on GPU); "xla" or "cudnn" to force
+  c.model.remat = False  # rematerialise layers in the backward pass (long sequences, big bases)
+
+  # --- corpus and held-out split ----------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "wiki_summaries"  # "wiki_summaries" (shipped), "jsonl", "text", or "tfds"
+  c.data.path = ""  # jsonl: file/dir/glob; text: dir of .txt files; tfds: dataset name (e.g. "c4/en")
+  c.data.text_field = "text"  # jsonl/tfds: field holding the document text
+  c.data.label_field = ""  # jsonl/tfds: optional field with a reference topic label (for NMI/ARI)
+  c.data.split = "train"  # tfds: split to read
+  c.data.data_dir = ""  # tfds: data_dir (e.g. gs://bucket/tfds); "" = TFDS default
+  c.data.max_docs = 0  # 0 = all documents; otherwise keep the first max_docs (after dedup)
+  c.data.heldout_fraction = 0.05  # fraction of documents held out (by document id, fixed seed)
+
+  # --- topics: embed + cluster ----------------------------------------------------------------------
+  c.cluster = ml_collections.ConfigDict()
+  c.cluster.embedder = "minilm"  # "minilm" (all-MiniLM-L6-v2 in JAX), "base" (the frozen base), "tfidf"
+  c.cluster.embed_tokens = 64  # each embedder sees only the first embed_tokens tokens of a document
+  c.cluster.embed_batch = 64  # documents per embedding batch
+  c.cluster.tfidf_dim = 256  # tfidf: truncated-SVD dimension
+  c.cluster.method = "kmeans"  # "kmeans" (MoIN-5k style) or "hdbscan" (UMAP + HDBSCAN, MoIN-500 style)
+  c.cluster.k = 12  # kmeans: number of topics
+  c.cluster.metric = "cosine"  # kmeans: "cosine" or "l2"
+  c.cluster.n_init = 3  # kmeans: restarts (best inertia kept)
+  c.cluster.max_iters = 100  # kmeans: Lloyd iterations per restart
+  c.cluster.tol = 1e-4  # kmeans: stop when relative inertia change falls below this
+  c.cluster.balanced_max_size = 0.0  # kmeans: cap cluster size at this x (n/k); 0 = unbalanced
+  c.cluster.chunk = 8192  # kmeans: points per distance chunk (never a full n x k matrix)
+  c.cluster.umap_dim = 10  # hdbscan: UMAP output dimension
+  c.cluster.umap_neighbors = 15  # hdbscan: UMAP n_neighbors
+  c.cluster.min_cluster_size = 50  # hdbscan: min_cluster_size
+  c.cluster.silhouette_sample = 2000  # points sampled for the silhouette score
+
+  # --- clustered dataset -----------------------------------------------------------------------------
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.seq_len = 128  # T: tokens per packed training row
+  c.dataset.small_topics = "merge"  # topics with < one batch of tokens: "merge" into nearest, or "skip"
+  c.dataset.shard_docs = 4096  # documents per ArrayRecord shard
+
+  # --- LoRA experts -----------------------------------------------------------------------------------
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 8  # r
+  c.lora.alpha = 16.0  # scale = alpha / rank
+  c.lora.dropout = 0.0  # dropout on the LoRA input
+  c.lora.targets = PROJECTIONS  # subset of (q, k, v, o, gate, up, down)
+
+  # --- training ---------------------------------------------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.mode = "experts"  # "experts" (one per topic), "lora_all" (one LoRA on all data), "full" (CPT)
+  c.train.slots = 4  # E: experts trained at once (must divide the mesh's expert axis size evenly)
+  c.train.batch_per_slot = 4  # b: rows per slot per step
+  c.train.budget = "fixed"  # token budget per expert: "fixed" or "proportional" (to topic size)
+  c.train.tokens_per_expert = 16384  # fixed budget, or the mean budget when proportional
+  c.train.lr = 1e-3  # peak learning rate
+  c.train.warmup_steps = 5  # linear warm-up, per expert
+  c.train.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
+  c.train.weight_decay = 0.0  # AdamW decay
+  c.train.b1 = 0.9  # Adam beta1
+  c.train.b2 = 0.999  # Adam beta2
+  c.train.grad_clip = 1.0  # per-expert global-norm clip; 0 = off
+  c.train.checkpoint_every = 50  # steps between checkpoints (also on SIGTERM)
+  c.train.log_every = 1  # steps between metric lines
+  c.train.max_steps = 0  # 0 = until every expert reached its budget
+
+  # --- device mesh and sharding rules ---------------------------------------------------------------
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)  # sizes of (expert, data, model); one -1 takes the remaining devices
+  c.mesh.axes = ("expert", "data", "model")  # mesh axis names
+  # logical axis -> mesh axis (or None = replicated); parameters and activations are sharded by these
+  c.mesh.rules = (
+      ("expert", "expert"), ("batch", "data"), ("heads", "model"), ("kv_heads", "model"),
+      ("mlp", "model"), ("vocab", None), ("embed", None), ("layers", None),
+      ("lora_in", None), ("lora_rank", None), ("lora_out", None),
+  )
+
+  # --- routing, evaluation, serving -------------------------------------------------------------------
+  c.route = ml_collections.ConfigDict()
+  c.route.mode = "centroid"  # "centroid", "knn", "topk", or "oracle" (evaluation only)
+  c.route.route_tokens = 32  # the router sees only the first route_tokens tokens of a query
+  c.route.search = "auto"  # "brute" (exact), "tree" (ScaNN tree + AH + rerank), "auto" (by k)
+  c.route.knn_k = 16  # knn: neighbours voting
+  c.route.topk = 2  # topk: experts mixed
+  c.route.temperature = 0.1  # topk: softmax(-d^2 / T) weights
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.prefix_tokens = (16, 32)  # P: route on the first P tokens, score perplexity after P only
+  c.eval.max_docs = 0  # 0 = the whole held-out split
+  c.eval.batch = 16  # documents per evaluation batch
+
+  c.generate = ml_collections.ConfigDict()
+  c.generate.max_new_tokens = 64  # tokens decoded per prompt
+  c.generate.temperature = 0.0  # 0 = greedy
+  c.generate.top_p = 1.0  # nucleus sampling
+  c.generate.top_k = 0  # 0 = off
+  c.generate.cache_experts = 16  # on-device expert cache slots (LRU)
+  return c
