@@ -97,8 +97,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.route = ml_collections.ConfigDict()
   c.route.mode = "centroid"  # "centroid", "knn", "topk", or "oracle" (evaluation only)
   c.route.route_tokens = 32  # the router sees only the first route_tokens tokens of a query
-  c.route.search = "auto"  # "brute" (exact), "tree" (ScaNN tree + AH + rerank), "auto" (by k)
+  c.route.search = "auto"  # "brute" (exact), "tree" (ScaNN tree + AH + rerank), "auto" (by k), "numpy"
+  c.route.tree_threshold = 20000  # auto: ScaNN tree from this many indexed points on, brute force below
+  c.route.tree_search_fraction = 0.4  # tree: fraction of the ~sqrt(n) leaves searched per query
   c.route.knn_k = 16  # knn: neighbours voting
+  c.route.knn_vote = "majority"  # knn: "majority" (one vote each) or "weighted" (exp(-d^2 / T) each)
   c.route.topk = 2  # topk: experts mixed
   c.route.temperature = 0.1  # topk: softmax(-d^2 / T) weights
 
