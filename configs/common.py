@@ -29,8 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.label_field = ""  # jsonl/tfds: optional field with a reference topic label (for NMI/ARI)
   c.data.split = "train"  # tfds: split to read
   c.data.data_dir = ""  # tfds: data_dir (e.g. gs://bucket/tfds); "" = TFDS default
-  c.data.max_docs = 0  # 0 = all documents; otherwise keep the first max_docs (after dedup)
+  c.data.max_docs = 0  # 0 = all; else the first max_docs kept (shipped summaries: in title-hash order)
   c.data.heldout_fraction = 0.05  # fraction of documents held out (by document id, fixed seed)
+  c.data.heldout_seed = 0  # salt of the held-out hash; fixed apart from c.seed so runs share one split
 
   # --- topics: embed + cluster ----------------------------------------------------------------------
   c.cluster = ml_collections.ConfigDict()
@@ -55,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset = ml_collections.ConfigDict()
   c.dataset.seq_len = 128  # T: tokens per packed training row
   c.dataset.small_topics = "merge"  # topics with < one batch of tokens: "merge" into nearest, or "skip"
-  c.dataset.shard_docs = 4096  # documents per ArrayRecord shard
+  c.dataset.max_shard_mb = 1024.0  # ArrayRecord shard size cap in MiB (TFDS sizes shards by bytes)
 
   # --- LoRA experts -----------------------------------------------------------------------------------
   c.lora = ml_collections.ConfigDict()

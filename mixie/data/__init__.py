@@ -1,0 +1,1 @@
+"""Corpus sources, the clustered TFDS dataset (ArrayRecord) and the packed per-topic loader."""
