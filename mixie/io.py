@@ -29,7 +29,7 @@ def atomic_write_bytes(p: PathLike, data: bytes) -> None:
   p.parent.mkdir(parents=True, exist_ok=True)
   tmp = p.parent / f".{p.name}.tmp-{uuid.uuid4().hex[:8]}"
   tmp.write_bytes(data)
-  tmp.rename(p)
+  tmp.replace(p)  # replace, not rename: overwrites an existing file (atomic on POSIX)
 
 
 def atomic_write_text(p: PathLike, text: str) -> None:
