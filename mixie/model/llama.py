@@ -305,14 +305,23 @@ def forward(params: Params, expert: Params | None, tokens_bt: jax.Array, cfg: Ll
   x_btd, new_cache_layers = jax.lax.scan(body, x_btd,
                                          (params["layers"], expert_layers, cache_layers, layer_keys))
   h_btd = rms_norm(x_btd, params["final_norm"], cfg.rms_eps)
-  head_dv = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-  logits_btv = jnp.einsum("btd,dv->btv", h_btd, head_dv.astype(dt), preferred_element_type=jnp.float32)
+  logits_btv = unembed(params, h_btd, cfg)
   new_cache = None
   if cache is not None:
     new_cache = {"k": new_cache_layers["k"], "v": new_cache_layers["v"], "length": start_b + t}
   if return_hidden:
     return logits_btv, new_cache, h_btd
   return logits_btv, new_cache
+
+
+def unembed(params: Params, h_xd: jax.Array, cfg: LlamaConfig) -> jax.Array:
+  """Logits (f32) of final-norm hidden states `[..., d]`: the tied embedding or `lm_head`."""
+  h_xd = h_xd.astype(cfg.compute_dtype)
+  if cfg.tie_embeddings:  # contract against [v, d] directly: no transposed copy of the embedding
+    return jnp.einsum("...d,vd->...v", h_xd, params["embed"].astype(h_xd.dtype),
+                      preferred_element_type=jnp.float32)
+  return jnp.einsum("...d,dv->...v", h_xd, params["lm_head"].astype(h_xd.dtype),
+                    preferred_element_type=jnp.float32)
 
 
 def token_logprobs(logits_btv, targets_bt):

@@ -1,0 +1,79 @@
+"""The frozen base from a config section: `load_base(c.model) -> (LlamaConfig, params, Tokenizer)`.
+
+`c.model.source` picks the reader: "gguf" (a `.gguf` file; an empty path means the shipped
+SmolLM2-135M-Instruct), "hf" (a `config.json` + safetensors directory with its `tokenizer.json`), or
+"random" (a preset from `mixie.model.llama.PRESETS`, random weights, created already sharded; its
+tokenizer is the shipped SmolLM2 one when the vocabulary sizes agree, else None).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+
+from mixie import assets
+from mixie.errors import ConfigError
+from mixie.model import checkpoint
+from mixie.model.llama import PRESETS, LlamaConfig, Params, init_params, param_axes
+from mixie.model.tokenizer import Tokenizer
+from mixie.sharding import tree_shardings
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _numerics(mc) -> dict:
+  for field in ("dtype", "param_dtype"):
+    if mc[field] not in _DTYPES:
+      raise ConfigError(f"model.{field} must be one of {_DTYPES}, got {mc[field]!r}")
+  impl = mc.get("attention_impl", "") or None
+  if impl not in (None, "xla", "cudnn"):
+    raise ConfigError(f"model.attention_impl must be '', 'xla' or 'cudnn', got {impl!r}")
+  return dict(dtype=mc.dtype, param_dtype=mc.param_dtype, attention_impl=impl)
+
+
+def load_base(mc, *, mesh: jax.sharding.Mesh | None = None, rules=(), seed: int = 0
+              ) -> tuple[LlamaConfig, Params, Tokenizer | None]:
+  """Loads the base named by config section `mc` (fields source, path, preset, dtype, param_dtype,
+  attention_impl).
+
+  With a `mesh`, parameters are placed by the logical sharding `rules` (`c.mesh.rules`) as they are
+  read; without, on the first local device. Raises `ConfigError`/`MixieError` naming the field or file.
+  """
+  num = _numerics(mc)
+
+  def shardings(cfg):
+    return None if mesh is None else tree_shardings(param_axes(cfg), mesh, rules)
+
+  source = mc.source
+  if source == "gguf":
+    path = pathlib.Path(mc.path) if mc.path else assets.smollm2_gguf()
+    reader = checkpoint.open_gguf(path)
+    cfg, params = checkpoint.load_gguf(path, reader=reader, shardings=shardings, **num)
+    return cfg, params, Tokenizer.from_gguf(path, reader=reader)
+  if source == "hf":
+    if not mc.path:
+      raise ConfigError("model.path: source='hf' needs a checkpoint directory")
+    cfg, params = checkpoint.load_hf(mc.path, shardings=shardings, **num)
+    return cfg, params, Tokenizer.from_file(pathlib.Path(mc.path) / "tokenizer.json")
+  if source == "random":
+    if mc.preset not in PRESETS:
+      raise ConfigError(f"model.preset must be one of {sorted(PRESETS)} with source='random', "
+                        f"got {mc.preset!r}")
+    cfg = PRESETS[mc.preset].replace(**num)
+    params = random_params(cfg, jax.random.key(seed), shardings(cfg))
+    tok = Tokenizer.from_gguf(assets.smollm2_gguf())
+    return cfg, params, (tok if tok.vocab_size == cfg.vocab_size else None)
+  raise ConfigError(f"model.source must be 'gguf', 'hf' or 'random', got {source!r}")
+
+
+def random_params(cfg: LlamaConfig, key: jax.Array, shardings=None) -> Params:
+  """`init_params` compiled with `out_shardings`, so the weights are born sharded."""
+  if shardings is None:
+    return jax.jit(init_params, static_argnums=0)(cfg, key)
+  return jax.jit(init_params, static_argnums=0, out_shardings=shardings)(cfg, key)
+
+
+def abstract_params(cfg: LlamaConfig) -> Params:
+  """`ShapeDtypeStruct`s of the base (no memory): `jax.eval_shape` of `init_params`."""
+  return jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))

@@ -1,0 +1,249 @@
+"""Logits and generation parity with HF transformers' LlamaForCausalLM.
+
+(a) tiny random Llamas (GQA, untied; sharded index; Llama-3 rope scaling) saved with `save_pretrained`;
+(b) the shipped SmolLM2-135M GGUF (30 layers), loaded by transformers' own GGUF support.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from jax.sharding import NamedSharding
+
+from mixie import assets
+from mixie.model import checkpoint, generate as gen
+from mixie.model.llama import forward, init_cache, param_axes
+from mixie.model.lora import LoraConfig, expert_shapes
+from mixie.model.tokenizer import Tokenizer, pad_right
+from mixie.sharding import make_mesh, tree_shardings
+
+TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
+            rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False)
+
+
+def _save_tiny(path, seed=0, max_shard_size=None, **overrides):
+  torch.manual_seed(seed)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY, **overrides})).eval()
+  kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+  model.save_pretrained(path, safe_serialization=True, **kw)
+  return model
+
+
+def _hf_logits(model, tokens_bt):
+  with torch.no_grad():
+    return model(torch.as_tensor(np.asarray(tokens_bt), dtype=torch.long)).logits.float().numpy()
+
+
+TOKENS = np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, 24))
+
+
+# --- (a) tiny random checkpoints ----------------------------------------------------------------------
+
+
+def test_tiny_gqa_untied_logits_match_transformers(tmp_path):
+  model = _save_tiny(tmp_path)
+  cfg, params = checkpoint.load_hf(tmp_path)
+  assert (cfg.n_heads, cfg.n_kv_heads, cfg.tie_embeddings) == (4, 2, False)
+  ours = np.asarray(forward(params, None, TOKENS, cfg)[0])
+  np.testing.assert_array_less(np.abs(ours - _hf_logits(model, TOKENS)).max(), 1e-4)
+
+
+def test_sharded_index_into_sharded_params(tmp_path):
+  """A multi-file checkpoint read straight into parameters split over a 2x4 (data, model) mesh."""
+  model = _save_tiny(tmp_path, seed=1, max_shard_size="40KB")
+  index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+  assert len(set(index["weight_map"].values())) > 2
+  mesh = make_mesh((2, 4), ("data", "model"))
+  rules = (("heads", "model"), ("kv_heads", "model"), ("mlp", "model"), ("vocab", "data"))
+  cfg, params = checkpoint.load_hf(
+      tmp_path, shardings=lambda c: tree_shardings(param_axes(c), mesh, rules))
+  q = params["layers"]["q"]
+  assert isinstance(q.sharding, NamedSharding) and q.sharding.spec[2] == "model"
+  assert len({str(s.index) for s in q.addressable_shards}) == 4  # really split, not replicated
+  ours = np.asarray(jax.jit(lambda p, t: forward(p, None, t, cfg)[0])(params, TOKENS))
+  np.testing.assert_array_less(np.abs(ours - _hf_logits(model, TOKENS)).max(), 1e-4)
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+  scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+             "original_max_position_embeddings": 16, "rope_theta": 10000.0}
+  model = _save_tiny(tmp_path, seed=2, rope_scaling=scaling)
+  cfg, params = checkpoint.load_hf(tmp_path)
+  assert cfg.rope_scaling is not None
+  tokens = np.random.default_rng(1).integers(0, TINY["vocab_size"], (1, 64))  # beyond 16 positions
+  ours = np.asarray(forward(params, None, tokens, cfg)[0])
+  np.testing.assert_array_less(np.abs(ours - _hf_logits(model, tokens)).max(), 1e-4)
+
+
+def test_param_dtype_casts_per_tensor(tmp_path):
+  _save_tiny(tmp_path)
+  _, p32 = checkpoint.load_hf(tmp_path)
+  cfg, p16 = checkpoint.load_hf(tmp_path, dtype="bfloat16", param_dtype="bfloat16")
+  assert cfg.compute_dtype == jnp.bfloat16
+  for a, b in zip(jax.tree.leaves(p32), jax.tree.leaves(p16)):
+    assert b.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(a.astype(jnp.bfloat16)), np.asarray(b))
+  assert checkpoint.fingerprint(cfg, p16) == checkpoint.fingerprint(cfg, p32)
+
+
+def test_fingerprint_tells_bases_apart(tmp_path):
+  _save_tiny(tmp_path / "a", seed=0)
+  _save_tiny(tmp_path / "b", seed=3)
+  fa = checkpoint.fingerprint(*checkpoint.load_hf(tmp_path / "a"))
+  fb = checkpoint.fingerprint(*checkpoint.load_hf(tmp_path / "b"))
+  assert fa != fb and len(fa) == 16
+  assert fa == checkpoint.fingerprint(*checkpoint.load_hf(tmp_path / "a"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  path = tmp_path_factory.mktemp("tiny")
+  model = _save_tiny(path, seed=4)
+  cfg, params = checkpoint.load_hf(path)
+  return model, cfg, params
+
+
+def test_prefill_and_decode_steps_match_full_forward(tiny):
+  """Right-padded prompts of different lengths, then 3 donated decode steps, against one forward."""
+  _, cfg, params = tiny
+  full = TOKENS[:, :12]
+  ref = np.asarray(forward(params, None, full, cfg)[0])  # causal: position p sees only tokens <= p
+  lengths = np.array([9, 6], np.int32)
+  prompt = np.where(np.arange(9)[None] < lengths[:, None], full[:, :9], 0)
+  cache = init_cache(cfg, 2, 16)
+  logits, cache = gen.prefill_jit(params, None, prompt, lengths, cache, cfg)
+  for step in range(3):
+    pos = lengths + step
+    np.testing.assert_allclose(np.asarray(logits), ref[np.arange(2), pos - 1], atol=1e-4)
+    logits, cache = gen.decode_step_jit(params, None, full[np.arange(2), pos], cache, cfg)
+
+
+def test_decode_step_vmaps_over_rows_with_per_row_experts(tiny):
+  """Serving's shape: vmap prefill/decode over rows, each row with its own expert."""
+  _, cfg, params = tiny
+  lora = LoraConfig(rank=4, alpha=8.0)
+
+  rng = np.random.default_rng(0)  # nonzero B (fresh experts have B = 0), so the experts really differ
+  experts = [jax.tree.map(lambda s: (0.1 * rng.standard_normal(s)).astype(np.float32),
+                          expert_shapes(cfg, lora), is_leaf=lambda x: isinstance(x, tuple))
+             for _ in range(2)]
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *experts)
+  prompt, lengths = TOKENS[:, None, :8], np.array([[8], [5]], np.int32)
+
+  def row(expert, prompt_1t, len_1, tok_1):
+    logits, cache = gen.prefill(params, expert, prompt_1t, len_1, init_cache(cfg, 1, 12), cfg,
+                                lora_scale=lora.scale)
+    nxt, _ = gen.decode_step(params, expert, tok_1, cache, cfg, lora_scale=lora.scale)
+    return logits, nxt
+
+  toks = TOKENS[:, None, 20]
+  got = jax.jit(jax.vmap(row))(stacked, prompt, lengths, toks)
+  # Reference: one plain forward per row over prompt + next token (causal, so padding after is inert).
+  ref_fn = jax.jit(lambda e, t: forward(params, e, t, cfg, lora_scale=lora.scale)[0])
+  for i in range(2):
+    n = int(lengths[i, 0])
+    seq = np.zeros((1, 9), np.int32)
+    seq[0, :n], seq[0, n] = prompt[i, 0, :n], toks[i, 0]
+    ref = np.asarray(ref_fn(experts[i], seq))[0]
+    np.testing.assert_allclose(np.asarray(got[0][i, 0]), ref[n - 1], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(got[1][i, 0]), ref[n], atol=1e-4)
+  assert np.abs(np.asarray(got[1][0] - got[1][1])).max() > 1e-3
+
+
+def test_tiny_greedy_generation_matches_transformers(tiny):
+  model, cfg, params = tiny
+  prompt = TOKENS[:1, :10]
+  with torch.no_grad():
+    ref = model.generate(torch.as_tensor(prompt), max_new_tokens=8, do_sample=False,
+                         pad_token_id=0)[0, 10:].numpy()
+  for use_cache in (True, False):
+    out, n = gen.generate(params, None, prompt, np.array([10]), cfg, max_new=8, use_cache=use_cache)
+    np.testing.assert_array_equal(np.asarray(out)[0], ref)
+    assert int(n[0]) == 8
+
+
+def test_stop_tokens_end_rows_and_pad(tiny):
+  _, cfg, params = tiny
+  prompt = TOKENS[:, :6]
+  free, _ = gen.generate(params, None, prompt, np.array([6, 6]), cfg, max_new=6)
+  stop = int(np.asarray(free)[0, 2])
+  out, n = gen.generate(params, None, prompt, np.array([6, 6]), cfg, max_new=6, stop_tokens=[stop],
+                        pad_id=-7)
+  out, n = np.asarray(out), np.asarray(n)
+  first = int(np.argmax(np.asarray(free)[0] == stop))
+  assert n[0] == first + 1 and out[0, first] == stop and (out[0, first + 1:] == -7).all()
+  np.testing.assert_array_equal(out[0, :first + 1], np.asarray(free)[0, :first + 1])
+
+
+def test_sampling_filters_and_frequencies():
+  logits = jnp.log(jnp.array([[0.4, 0.3, 0.15, 0.1, 0.05]]))
+  keys = jax.random.split(jax.random.key(0), 20000)
+
+  def freqs(**kw):
+    toks = jax.vmap(lambda k: gen.sample_logits(logits, k, **kw)[0])(keys)
+    return np.bincount(np.asarray(toks), minlength=5) / len(keys)
+
+  np.testing.assert_allclose(freqs(temperature=1.0), [0.4, 0.3, 0.15, 0.1, 0.05], atol=0.015)
+  np.testing.assert_allclose(freqs(temperature=1.0, top_k=2), [0.4 / 0.7, 0.3 / 0.7, 0, 0, 0],
+                             atol=0.015)
+  # top_p=0.8: the smallest set reaching 0.8 is {0, 1, 2} (0.4 + 0.3 < 0.8 <= 0.85)
+  np.testing.assert_allclose(freqs(temperature=1.0, top_p=0.8), [0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0, 0],
+                             atol=0.015)
+  assert (freqs(temperature=1.0, top_k=1) == [1, 0, 0, 0, 0]).all()
+  assert int(gen.sample_logits(logits, None)[0]) == 0
+
+
+# --- (b) the shipped SmolLM2 GGUF -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+  """Ours and transformers' SmolLM2 from the same GGUF, two real prompts, and HF's greedy outputs."""
+  path = assets.smollm2_gguf()
+  reader = checkpoint.open_gguf(path)
+  cfg, params = checkpoint.load_gguf(path, reader=reader)
+  tok = Tokenizer.from_gguf(path, reader=reader)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                         dtype=torch.float32).eval()
+  docs = json.loads(assets.wiki_summaries_json().read_text())
+  texts = [d["extract"] for d in docs.values()]
+  prompts = [tok.encode(texts[i])[:n] for i, n in ((0, 40), (1000, 28))]
+  greedy = []
+  for p in prompts:
+    with torch.no_grad():
+      greedy.append(hf.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False, eos_token_id=None,
+                                pad_token_id=tok.pad_id)[0, len(p):].numpy())
+  return cfg, params, tok, hf, prompts, greedy
+
+
+def test_smollm2_logits_match_transformers_gguf(smollm2):
+  cfg, params, _, hf, prompts, _ = smollm2
+  assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.tie_embeddings) == (30, 576, 9, 3,
+                                                                                          True)
+  tokens = np.array([prompts[0]])
+  ours = np.asarray(forward(params, None, tokens, cfg)[0])
+  ref = _hf_logits(hf, tokens)
+  assert np.abs(ours - ref).max() <= 1e-3
+  np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_smollm2_greedy_20_tokens_match_transformers_with_cache(smollm2):
+  """Two right-padded prompts of different lengths in one batch; each row against HF alone."""
+  cfg, params, tok, _, prompts, greedy = smollm2
+  tokens, lengths = pad_right(prompts, tok.pad_id)
+  out, n = gen.generate(params, None, tokens, lengths, cfg, max_new=20, use_cache=True)
+  np.testing.assert_array_equal(np.asarray(out), np.stack(greedy))
+  assert (np.asarray(n) == 20).all()
+
+
+def test_smollm2_greedy_20_tokens_match_transformers_without_cache(smollm2):
+  """The recompute-everything path (one row: it costs prompt + 20 full forwards)."""
+  cfg, params, _, _, prompts, greedy = smollm2
+  out, _ = gen.generate(params, None, np.array([prompts[1]]), np.array([len(prompts[1])]), cfg,
+                        max_new=20, use_cache=False)
+  np.testing.assert_array_equal(np.asarray(out)[0], greedy[1])
