@@ -1,0 +1,1 @@
+"""Evaluation: held-out perplexity of the base, baselines and experts (`ppl`)."""
