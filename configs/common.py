@@ -82,6 +82,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 50  # steps between checkpoints (also on SIGTERM)
   c.train.log_every = 1  # steps between metric lines
   c.train.max_steps = 0  # 0 = until every expert reached its budget
+  c.train.schedule = "cosine"  # per-expert LR schedule after warm-up: "cosine" or "constant"
+  c.train.baselines = ("lora_all",)  # trained after the experts, same tokens: "lora_all", "full" (CPT)
+  c.train.run_missing = True  # run the cluster stage when workdir/topics or workdir/dataset is missing
+  c.train.keep_checkpoints = 2  # newest checkpoints kept per training run
+  c.train.eval_after = True  # end with the held-out perplexity table (base, baselines, experts)
 
   # --- device mesh and sharding rules ---------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()

@@ -119,7 +119,9 @@ class ExpertStore:
     d.mkdir(parents=True, exist_ok=True)
     if (d / META).exists():
       (d / META).unlink()
-    save_tree(d / WEIGHTS, tree, metadata={"format": FORMAT, "topic": str(int(topic))})
+    # one metadata key only: safetensors writes its metadata map in no fixed order, and entries must be
+    # byte-identical across runs (a resumed run rewrites them)
+    save_tree(d / WEIGHTS, tree, metadata={"format": FORMAT})
     atomic_write_json(d / META, meta)
 
   def topics(self) -> list[int]:

@@ -26,6 +26,7 @@ class TrainCheckpointer:
     self._mgr = ocp.CheckpointManager(
         self.dir, item_names=("state", "host"),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             cleanup_tmp_directories=True,  # a killed save's leftovers
                                              enable_async_checkpointing=True))
 
   def latest_step(self) -> int | None:

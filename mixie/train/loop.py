@@ -62,7 +62,7 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
                checkpoint_every: int = 50, log_every: int = 1, max_steps: int = 0,
                metrics: MetricsWriter | None = None, expert_meta: Callable[[int], Mapping] | None = None,
                stop: Callable[[], bool] | None = None, progress: bool = True,
-               on_saved: Callable[[int], None] | None = None) -> LoopResult:
+               on_saved: Callable[[int], None] | None = None, keep_checkpoints: int = 2) -> LoopResult:
   """Trains until every scheduled expert reached its budget (or `max_steps`, or `stop()`).
 
   Args:
@@ -81,10 +81,11 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
     stop: polled every step; True saves a checkpoint and returns status "preempted".
     progress: show a tqdm bar with tokens/s.
     on_saved: called with the step after each checkpoint is saved (tests use it).
+    keep_checkpoints: newest checkpoints kept.
   """
   comp = compile_fns(spec, mesh, rules, jax.eval_shape(lambda: base))
   frozen = base if spec.lora_mode else None  # "full" trains the base itself
-  ckpt = ckpt_lib.TrainCheckpointer(ckpt_dir)
+  ckpt = ckpt_lib.TrainCheckpointer(ckpt_dir, max_to_keep=keep_checkpoints)
   mode = spec.mode
   E = spec.slots
   try:

@@ -1,0 +1,361 @@
+"""The main job: run what is missing in the work directory, train the experts and the baselines, and
+end with the held-out perplexity table.
+
+    python -m mixie.train --config=configs/demo.py [--config.workdir=...]
+
+1. The config is validated before anything is loaded or compiled (`validate_config`; ConfigError names
+   the field).
+2. Missing topics or dataset in `workdir` are built by the cluster stage (`mixie.cluster.topics`).
+3. The experts (`train.mode`, normally "experts") and then each of `train.baselines` ("lora_all": one LoRA
+   on all data, "full": continued pre-training of the whole base) are trained through the same
+   `train_loop`, with the same total tokens; each run checkpoints into `workdir/checkpoints/<mode>` and
+   resumes from there, so a finished run is skipped and an interrupted one continues.
+4. Held-out perplexity: the base, each baseline, and each expert on its own topic's held-out documents
+   (oracle topic), token-weighted overall and per topic; printed and written to
+   `workdir/eval_train.json`.
+
+Outputs: `workdir/experts/` (expert store), `workdir/lora_all/` (a one-entry store), `workdir/full/`
+(the continued-pre-training base as safetensors), `workdir/metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from mixie import io as mio
+from mixie.errors import ConfigError, check
+from mixie.model.lora import LoraConfig
+from mixie.sharding import make_mesh, mesh_from_config
+from mixie.store import ExpertStore, load_tree, save_tree
+from mixie.train import optim
+from mixie.train.scheduler import BUDGETS, ExpertScheduler, token_budgets
+from mixie.train.step import MODES, TrainSpec, base_shardings
+
+BASELINES = ("lora_all", "full")
+DTYPES = ("float32", "bfloat16")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config validation (before any compute).
+
+
+def _int_field(config, dotted: str, lo: int) -> int:
+  sec, field = dotted.split(".")
+  v = config[sec][field]
+  if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+    raise ConfigError(f"{dotted} must be an integer >= {lo}, got {v!r}")
+  return v
+
+
+def _inputs_missing(workdir) -> bool:
+  from mixie.cluster.topics import dataset_dir, topics_complete
+  from mixie.data.dataset import dataset_status
+  return not topics_complete(workdir) or dataset_status(dataset_dir(workdir)) != "complete"
+
+
+def validate_config(config, devices=None) -> None:
+  """Checks every setting the main job uses; raises `ConfigError` naming the field. No compute."""
+  if not config.get("workdir"):
+    raise ConfigError("workdir must be set (--config.workdir=...)")
+  t = config.train
+  if t.mode not in MODES:
+    raise ConfigError(f"train.mode must be one of {MODES}, got {t.mode!r}")
+  bad = [b for b in tuple(t.baselines) if b not in BASELINES]
+  if bad:
+    raise ConfigError(f"train.baselines: unknown baseline(s) {bad}; choose from {list(BASELINES)}")
+  for f, lo in (("train.slots", 1), ("train.batch_per_slot", 1), ("train.tokens_per_expert", 1),
+                ("train.checkpoint_every", 1), ("train.log_every", 1), ("train.max_steps", 0),
+                ("train.warmup_steps", 0), ("train.keep_checkpoints", 1), ("dataset.seq_len", 2)):
+    _int_field(config, f, lo)
+  if t.budget not in BUDGETS:
+    raise ConfigError(f"train.budget must be one of {BUDGETS}, got {t.budget!r}")
+  LoraConfig.from_config(config.lora)  # rank >= 1, known targets, dropout in [0, 1)
+  optim.OptConfig.from_config(t)  # lr, betas, clip, schedule
+  for f in ("dtype", "param_dtype"):
+    if config.model[f] not in DTYPES:
+      raise ConfigError(f"model.{f} must be one of {DTYPES}, got {config.model[f]!r}")
+  axes = tuple(config.mesh.axes)
+  for a in ("expert", "data"):
+    if a not in axes:
+      raise ConfigError(f"mesh.axes {axes} must include {a!r}")
+  mesh = make_mesh(tuple(config.mesh.shape), axes, devices)
+  n_exp, n_data = mesh.shape["expert"], mesh.shape["data"]
+  if t.slots % n_exp:
+    raise ConfigError(f"train.slots={t.slots} is not a multiple of the mesh's expert axis "
+                      f"({n_exp} devices, mesh.shape={tuple(config.mesh.shape)}): every device must "
+                      "hold the same number of slots")
+  if t.batch_per_slot % n_data:
+    raise ConfigError(f"train.batch_per_slot={t.batch_per_slot} is not a multiple of the mesh's data "
+                      f"axis ({n_data} devices)")
+  if _inputs_missing(config.workdir):
+    if not t.run_missing:
+      raise ConfigError(f"{config.workdir}/topics or /dataset is missing and train.run_missing=False: "
+                        "run `python -m mixie.cluster --config=...` first, or set train.run_missing=True")
+    from mixie.cluster.topics import validate_config as validate_cluster
+    validate_cluster(config)
+    d = config.data
+    if d.source in ("jsonl", "text") and d.path and not any(ch in d.path for ch in "*?["):
+      if not mio.path(d.path).exists():
+        raise ConfigError(f"data.path={d.path!r} does not exist: the missing topics cannot be built")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data of a work directory.
+
+
+@dataclasses.dataclass
+class TrainData:
+  """The clustered training split and what the scheduler needs from it."""
+
+  source: Any  # mixie.data.dataset.ClusteredSource (train split)
+  topic_map: np.ndarray  # int32 [K]: record topic -> trained topic (-1 = skipped)
+  counts: np.ndarray  # tokens per trained topic [K] (0 for merged-away / skipped topics)
+  centroids: np.ndarray  # [K, d]
+  budgets: dict[int, int]  # trained topic -> token budget
+  small_report: dict
+
+
+def open_train_data(config, tokens_per_batch: int) -> TrainData:
+  """Opens `workdir/dataset` (train split) and resolves small topics and budgets."""
+  from mixie.cluster.topics import dataset_dir, load_topics
+  from mixie.data.dataset import open_dataset, topic_token_counts
+  from mixie.data.loader import resolve_small_topics
+
+  out = dataset_dir(config.workdir)
+  topics = load_topics(config.workdir)
+  src = open_dataset(out, "train")
+  raw = topic_token_counts(out, "train")
+  topic_map, report = resolve_small_topics(raw, topics.centroids_kd, tokens_per_batch,
+                                           config.dataset.small_topics)
+  counts = np.zeros_like(raw)
+  for k, t in enumerate(topic_map):
+    if t >= 0:
+      counts[t] += raw[k]
+  trained = {int(t): int(counts[t]) for t in np.unique(topic_map[topic_map >= 0])}
+  budgets = token_budgets(trained, config.train.budget, int(config.train.tokens_per_expert),
+                          min_tokens=tokens_per_batch)
+  return TrainData(source=src, topic_map=topic_map.astype(np.int32), counts=counts,
+                   centroids=np.asarray(topics.centroids_kd), budgets=budgets, small_report=report)
+
+
+def baseline_mesh(mesh):
+  """The mesh of an E = 1 run: the expert axis folded into the data axis (same devices)."""
+  axes = mesh.axis_names
+  e, d = mesh.shape["expert"], mesh.shape["data"]
+  shape = [1 if a == "expert" else (e * d if a == "data" else mesh.shape[a]) for a in axes]
+  order = [axes.index(a) for a in axes]  # keep device order: expert-major over data
+  return make_mesh(shape, axes, list(np.transpose(mesh.devices, order).flat))
+
+
+def _stopper() -> Callable[[], bool]:
+  """Installs a SIGTERM handler (TPU preemption) that asks the loop to save and stop."""
+  flag = threading.Event()
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, lambda *_: flag.set())
+  return flag.is_set
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training runs.
+
+
+def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer, mesh, rules, *,
+              stop=None, metrics=None, log=print):
+  """Trains one run (`mode` = experts, lora_all or full) to its end; returns the `LoopResult`."""
+  from mixie.data.loader import PackedLoader
+  from mixie.train.loop import train_loop
+
+  t = config.train
+  wd = mio.path(config.workdir)
+  T = int(config.dataset.seq_len)
+  if mode == "experts":
+    E, b, topic_map, budgets, run_mesh = t.slots, t.batch_per_slot, data.topic_map, data.budgets, mesh
+  else:  # one slot on all the data, the same rows per step and the same total tokens
+    E, b, run_mesh = 1, t.slots * t.batch_per_slot, baseline_mesh(mesh)
+    topic_map = np.where(data.topic_map >= 0, 0, -1).astype(np.int32)
+    budgets = {0: int(sum(data.budgets.values()))}
+  spec = TrainSpec(cfg=cfg, lora=LoraConfig.from_config(config.lora), opt=optim.OptConfig.from_config(t),
+                   slots=E, mode=mode, remat=bool(config.model.remat), seed=int(config.seed))
+  run_base = base if run_mesh is mesh else jax.device_put(base, base_shardings(spec, run_mesh, rules))
+  bos = tokenizer.bos_id if tokenizer.add_bos else None
+  loader = PackedLoader(data.source, [-1] * E, batch_per_slot=b, seq_len=T, eos_id=tokenizer.eos_ids[0],
+                        bos_id=bos, pad_id=tokenizer.pad_id, seed=int(config.seed), topic_map=topic_map)
+  sched = ExpertScheduler(budgets, E)
+  store = None if mode == "full" else ExpertStore(wd / mode)
+
+  def meta(topic):
+    if mode != "experts":
+      return {"kind": mode, "topics": int(np.unique(data.topic_map[data.topic_map >= 0]).size)}
+    merged = [int(k) for k in np.flatnonzero(data.topic_map == topic) if k != topic]
+    return {"kind": "expert", "centroid": data.centroids[topic].astype(float).tolist(),
+            "topic_tokens": int(data.counts[topic]), "budget": int(budgets[topic]), "merged_topics": merged}
+
+  log(f"mixie.train[{mode}]: {len(budgets)} expert(s) on {E} slot(s) x {b} rows x {T} tokens, "
+      f"{sum(budgets.values())} tokens in all, mesh {dict(run_mesh.shape)}")
+  res = train_loop(spec, run_mesh, rules, run_base, loader, sched, ckpt_dir=wd / "checkpoints" / mode,
+                   store=store, fingerprint=fp, tokens_per_step=b * T, checkpoint_every=t.checkpoint_every,
+                   log_every=t.log_every, max_steps=t.max_steps, metrics=metrics, expert_meta=meta, stop=stop,
+                   keep_checkpoints=t.keep_checkpoints)
+  if mode == "full" and res.status == "finished" and not (wd / "full" / "meta.json").exists():
+    from mixie.model.checkpoint import fingerprint
+    params = jax.tree.map(lambda x: x[0].astype(base_dtype(base)), jax.device_get(res.state["params"]))
+    save_tree(wd / "full" / "params.safetensors", params)
+    mio.atomic_write_json(wd / "full" / "meta.json", {
+        "kind": "full", "base_fingerprint": fp, "fingerprint": fingerprint(cfg, params),
+        "tokens": int(sum(budgets.values()))})
+  return res
+
+
+def base_dtype(base):
+  return jax.tree.leaves(base)[0].dtype
+
+
+# ---------------------------------------------------------------------------------------------------
+# Held-out perplexity.
+
+
+def heldout_docs(config, tokenizer, topic_map: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
+  """Held-out documents as the model sees them ([BOS] tokens EOS) and their trained topic (-1: none).
+
+  With `eval.max_docs` > 0, a fixed-seed subset of that many documents.
+  """
+  from mixie.cluster.topics import dataset_dir
+  from mixie.data.dataset import open_dataset
+
+  src = open_dataset(dataset_dir(config.workdir), "heldout")
+  idx = np.arange(len(src))
+  if int(config.eval.max_docs) and idx.size > int(config.eval.max_docs):
+    idx = np.sort(np.random.default_rng(int(config.seed)).permutation(idx)[:int(config.eval.max_docs)])
+  check(idx.size > 0, f"{dataset_dir(config.workdir)}: the held-out split is empty "
+                      "(raise data.heldout_fraction)")
+  bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
+  recs = src.__getitems__(idx.tolist()) if idx.size else []
+  docs = [bos + r["tokens"].tolist() + [tokenizer.eos_ids[0]] for r in recs]
+  return docs, topic_map[src.topics[idx]]
+
+
+def evaluate(config, cfg, base, fp: str, tokenizer, topic_map: np.ndarray, log=print) -> dict[str, Any]:
+  """Held-out perplexity of the base, the baselines and the experts (oracle topic); JSON-able table."""
+  from mixie.evaluate.ppl import by_group, perplexity, score_docs
+
+  wd = mio.path(config.workdir)
+  lora = LoraConfig.from_config(config.lora)
+  docs, topic_d = heldout_docs(config, tokenizer, topic_map)
+  kw = dict(batch=int(config.eval.batch), max_len=int(config.dataset.seq_len))
+  t0 = time.time()
+  cols: dict[str, tuple[np.ndarray, np.ndarray]] = {"base": score_docs(base, None, docs, cfg, **kw)}
+  lora_all = ExpertStore(wd / "lora_all")
+  if 0 in lora_all:
+    e, m = lora_all.load(0, fp)
+    cols["lora_all"] = score_docs(base, e, docs, cfg, lora_scale=m["alpha"] / m["rank"], **kw)
+  if (wd / "full" / "meta.json").exists():
+    full = load_tree(wd / "full" / "params.safetensors")
+    full = jax.device_put(full, jax.tree.map(lambda x: x.sharding, base))
+    cols["full"] = score_docs(full, None, docs, cfg, **kw)
+  store = ExpertStore(wd / "experts")
+  trained = store.topics()
+  if trained:
+    stack, metas = store.load_stack(trained, fp)
+    pos = {t: i for i, t in enumerate(trained)}
+    has = np.asarray([t in pos for t in topic_d])
+    ids = np.asarray([pos.get(int(t), 0) for t in topic_d], np.int32)
+    nll, n = score_docs(base, stack, docs, cfg, lora_scale=metas[0]["alpha"] / metas[0]["rank"],
+                        expert_ids=ids, **kw)
+    # documents of a topic without an expert (skipped small topics) are scored by the base
+    nll, n = np.where(has, nll, cols["base"][0]), np.where(has, n, cols["base"][1])
+    cols["experts_oracle"] = (nll, n)
+  n_tok = cols["base"][1]
+  table = {"columns": list(cols), "overall": {c: perplexity(*v) for c, v in cols.items()},
+           "per_topic": {}, "docs": len(docs), "tokens": int(n_tok.sum()),
+           "seconds": round(time.time() - t0, 1)}
+  groups = {c: by_group(v[0], v[1], topic_d) for c, v in cols.items()}
+  for t in sorted(set(int(x) for x in topic_d)):
+    sel = topic_d == t
+    table["per_topic"][str(t)] = {"docs": int(sel.sum()), "tokens": int(n_tok[sel].sum()),
+                                  **{c: groups[c][t] for c in cols}}
+  mio.atomic_write_json(wd / "eval_train.json", table)
+  return table
+
+
+def format_table(table: dict[str, Any]) -> str:
+  """The perplexity table as aligned text."""
+  cols = table["columns"]
+  head = f"{'topic':>8} {'docs':>5} {'tokens':>7} " + " ".join(f"{c:>14}" for c in cols)
+  lines = [f"held-out perplexity (lower is better; experts_oracle = each document's own topic expert)",
+           head, "-" * len(head)]
+  for t, row in table["per_topic"].items():
+    lines.append(f"{t:>8} {row['docs']:>5} {row['tokens']:>7} " + " ".join(f"{row[c]:>14.3f}" for c in cols))
+  lines.append("-" * len(head))
+  lines.append(f"{'overall':>8} {table['docs']:>5} {table['tokens']:>7} " +
+               " ".join(f"{table['overall'][c]:>14.3f}" for c in cols))
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The job.
+
+
+def run(config, *, log=print, stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+  """The main job (see the module docstring); returns a JSON-able summary with `status`."""
+  t_start = time.time()
+  validate_config(config)
+  from mixie.model.checkpoint import fingerprint
+  from mixie.model.load import load_base
+  from mixie.train.metrics import MetricsWriter
+
+  wd = mio.path(config.workdir)
+  mesh = mesh_from_config(config.mesh)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  if _inputs_missing(config.workdir):
+    from mixie.cluster.topics import run_cluster, summary_line
+    log(f"mixie.train: topics or dataset missing in {wd}: running the cluster stage")
+    log(summary_line(run_cluster(config, log=log)))
+  cfg, base, tokenizer = load_base(config.model, mesh=mesh, rules=rules, seed=int(config.seed))
+  check(tokenizer is not None, "model: the base has no tokenizer (a random preset without one?)")
+  if int(config.dataset.seq_len) > cfg.max_seq_len:
+    raise ConfigError(f"dataset.seq_len={config.dataset.seq_len} exceeds the base's context "
+                      f"({cfg.max_seq_len})")
+  fp = fingerprint(cfg, base)
+  T = int(config.dataset.seq_len)
+  data = open_train_data(config, int(config.train.batch_per_slot) * T)
+  stop = stop or _stopper()
+  metrics = MetricsWriter(wd / "metrics.jsonl", tb_dir=wd / "tensorboard")
+  summary: dict[str, Any] = {"workdir": str(wd), "base_fingerprint": fp, "runs": {}}
+  modes = [config.train.mode] + [b for b in tuple(config.train.baselines) if b != config.train.mode]
+  try:
+    for mode in modes:
+      res = train_run(config, mode, cfg, base, fp, data, tokenizer, mesh, rules, stop=stop,
+                      metrics=metrics, log=log)
+      summary["runs"][mode] = {"status": res.status, "step": res.step, "tokens": res.tokens,
+                               "seconds": round(res.seconds, 1),
+                               "tokens_per_s": round(res.tokens / res.seconds, 1) if res.seconds else None}
+      res.state = None
+      if res.status == "preempted":
+        log(f"mixie.train: SIGTERM: saved a checkpoint of {mode!r} at step {res.step} in "
+            f"{wd / 'checkpoints' / mode}; rerun the same command to resume")
+        summary["status"] = "preempted"
+        return summary
+      if res.status == "max_steps":
+        log(f"mixie.train: {mode!r} stopped at train.max_steps={config.train.max_steps}")
+        summary["status"] = "max_steps"
+        return summary
+  finally:
+    metrics.close()
+  if config.train.eval_after:
+    table = evaluate(config, cfg, base, fp, tokenizer, data.topic_map, log=log)
+    log(format_table(table))
+    summary["eval"] = table
+  summary["status"] = "finished"
+  summary["seconds"] = round(time.time() - t_start, 1)
+  mio.atomic_write_json(wd / "train_summary.json", summary)
+  log(f"mixie.train: done in {summary['seconds']:.0f}s; experts in {wd / 'experts'}")
+  return summary
+
+
