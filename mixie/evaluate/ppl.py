@@ -2,8 +2,9 @@
 
 `score_docs` returns, for every document, the summed negative log-likelihood of its tokens from
 position `score_from` on and the number of tokens scored; perplexities are `exp(sum nll / sum n)` over
-any grouping (overall token-weighted, per topic). Documents are right-padded into length buckets (few
-compiles); with causal attention padding never changes a real position's logits.
+any grouping (overall token-weighted, per topic). Every batch of a call is right-padded to one length
+(the longest document, rounded up to 32), so a call compiles once and calls with the same documents
+reuse it; with causal attention padding never changes a real position's logits.
 
 Per-document experts (`expert_ids`) gather each row's expert from a stack and vmap the one-expert
 forward over the rows, the base broadcast: the same code path as training and serving.
@@ -64,11 +65,11 @@ def score_docs(params, expert, docs: Sequence[Sequence[int]], cfg: LlamaConfig, 
   ids_all = np.zeros(n, np.int32) if expert_ids is None else np.asarray(expert_ids, np.int32)
   check(ids_all.shape == (n,), f"score_docs: expert_ids has shape {ids_all.shape}, expected ({n},)")
   nll, cnt = np.zeros(n, np.float64), np.zeros(n, np.int64)
+  expert = None if expert is None else jax.tree.map(jnp.asarray, expert)  # on device once, not per batch
   lengths = np.asarray([min(len(d), max_len) for d in docs])
-  order = np.argsort(lengths, kind="stable")  # similar lengths share a bucket
+  T = _bucket(int(lengths.max()) if n else 1)
   for i in range(0, n, batch):
-    idx = order[i:i + batch]
-    T = _bucket(int(lengths[idx].max()))
+    idx = np.arange(i, min(i + batch, n))
     tok = np.zeros((batch, T), np.int32)
     mask = np.zeros((batch, T), np.float32)
     ids = np.zeros(batch, np.int32)

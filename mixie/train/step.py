@@ -89,10 +89,10 @@ def trainable_axes(spec: TrainSpec):
   """Logical axes of the trainable stack."""
   if spec.lora_mode:
     return expert_axes(spec.lora, stacked=True)
-  return jax.tree.map(lambda a: ("expert",) + a, param_axes(spec.cfg), is_leaf=_is_axes)
+  return jax.tree.map(lambda a: ("expert",) + a, param_axes(spec.cfg), is_leaf=is_axes)
 
 
-def _is_axes(x):
+def is_axes(x):
   # plain tuples of names only: optax states are NamedTuples and must stay tree nodes
   return type(x) is tuple and all(isinstance(a, (str, type(None))) for a in x)
 
@@ -100,7 +100,7 @@ def _is_axes(x):
 def axes_to_shardings(axes_tree, mesh: Mesh, rules):
   """`NamedSharding`s for a tree whose leaves are plain tuples of logical axis names."""
   return jax.tree.map(lambda names: NamedSharding(mesh, shd.logical_to_spec(names, rules, mesh)),
-                      axes_tree, is_leaf=_is_axes)
+                      axes_tree, is_leaf=is_axes)
 
 
 def state_axes(spec: TrainSpec, abstract) -> dict[str, Any]:
