@@ -1,0 +1,53 @@
+"""`python -m mixie.export --config=... --out DIR [--topics 0,3,7] [--workdir DIR]`.
+
+Writes the run's experts (all, or `--topics`) as standard PEFT LoRA adapters plus the router
+(centroids, embedder, `router.json`) and a README into `--out`; see `mixie.interop`.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mixie.errors import ConfigError, run_cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.py:tiny",
+                                          lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "work directory (overrides config.workdir)")
+_OUT = flags.DEFINE_string("out", None, "export directory (created)")
+_TOPICS = flags.DEFINE_string("topics", "", "comma-separated topic ids to export (default: every expert)")
+
+
+def parse_topics(s: str) -> list[int] | None:
+  """'0,3,7' -> [0, 3, 7]; '' -> None (all)."""
+  if not s.strip():
+    return None
+  try:
+    return [int(x) for x in s.split(",") if x.strip()]
+  except ValueError:
+    raise ConfigError(f"--topics={s!r}: expected comma-separated topic ids, e.g. 0,3,7") from None
+
+
+@run_cli
+def main(argv) -> int:
+  """The CLI entry point (see the module docstring)."""
+  if len(argv) > 1:
+    raise ConfigError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  if config is None:
+    raise ConfigError("--config is required (e.g. --config=configs/demo.py)")
+  if not _OUT.value:
+    raise ConfigError("--out is required (the export directory)")
+  if _WORKDIR.value:
+    config.workdir = _WORKDIR.value
+  from mixie.interop import export_run
+
+  spec = export_run(config, _OUT.value, parse_topics(_TOPICS.value))
+  print(f"mixie.export: {len(spec['adapters'])} adapter(s), router of {spec['router']['num_rows']} rows "
+        f"({spec['router']['metric']}, embedder {spec['embedder']['kind']}) in {_OUT.value}", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)
