@@ -1,0 +1,373 @@
+"""Serving and routing speed, with the peers measured side by side in the same run; prints JSON.
+
+Sections (`--sections`, default `serve,route`; `gpu` runs only where JAX and torch both see a GPU):
+
+- serve (CPU): prefill and decode tokens/s for a batch of B rows (default 16) that use B different
+  experts (mixie's vmapped mixed batch, `mixie.serve.batched`) vs the same batch with one expert
+  (the plain, non-vmapped `mixie.model.generate` path) vs the base alone, and vs HF PEFT on the same
+  model: mixed-adapter batches (`adapter_names=[...]`) and one active adapter. The model is the
+  shipped SmolLM2-135M (`--model gguf`) or a random model of that shape (`--model random`).
+  Experts and adapters are random with non-zero B, rank 8, on all 7 projections. Greedy decoding,
+  KV cache; logits only at the last prompt position on both sides (`logits_to_keep=1` for HF).
+- route (CPU): routing latency and recall@1 for 5000 centroids, and kNN (k = 16) over 1M document
+  vectors (d = 384): ScaNN brute force and ScaNN tree (AH + reordering) vs exact numpy.
+  Synthetic data (no real embeddings of 1M documents ship): centroids are random; documents are drawn
+  around 5000 topic centres; queries are held-out draws from the same distribution.
+- gpu: TinyLlama-1.1B shape (random bf16 weights), rank 16, 32 rows x 512 prompt tokens, 32 different
+  experts vs one expert, and PEFT mixed / one adapter on the same GPU. This section imports only jax,
+  torch, transformers, peft, numpy and mixie.model / mixie.serve.batched.
+
+Times are medians over `--reps` runs after a warm-up run (compilation excluded). Ratios > 1 favour
+the first named side.
+
+  python bench/route_serve.py [--sections serve,route] [--model gguf|random] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from mixie.model.generate import decode_step, prefill, sample_logits  # noqa: E402
+from mixie.model.llama import LlamaConfig, PRESETS, init_cache, init_params  # noqa: E402
+from mixie.model.lora import LoraConfig, expert_shapes  # noqa: E402
+from mixie.serve.batched import (gather_experts, layer_major, rows_decode_step,  # noqa: E402
+                                 rows_prefill)
+
+
+def _log(msg):
+  print(msg, file=sys.stderr, flush=True)
+
+
+def _median_time(fn, reps):
+  fn()  # warm-up (compiles)
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    ts.append(time.perf_counter() - t0)
+  return float(np.median(ts))
+
+
+def random_experts(cfg: LlamaConfig, lora: LoraConfig, n: int, key) -> dict:
+  """n experts with random a and b (non-zero), stacked, in `lora.dtype`."""
+  shapes = expert_shapes(cfg, lora)
+
+  @jax.jit
+  def make(key):
+    out = {}
+    for i, (p, ab) in enumerate(sorted(shapes.items())):
+      ka, kb = jax.random.split(jax.random.fold_in(key, i))
+      out[p] = {"a": jax.random.normal(ka, (n,) + ab["a"], jnp.float32) / np.sqrt(ab["a"][1]),
+                "b": 0.01 * jax.random.normal(kb, (n,) + ab["b"], jnp.float32)}
+    return jax.tree.map(lambda x: x.astype(lora.dtype), out)
+
+  return make(key)
+
+
+# ---------------------------------------------------------------------------------------------------
+# mixie: mixed batch (vmapped rows) vs one expert (plain path) vs the base
+
+
+def mixie_serving(cfg, params, lora, *, rows, prompt_len, new_tokens, reps, seed=0):
+  """Prefill and decode tokens/s of mixie's mixed batch, one-expert batch and the base."""
+  b, t, k = rows, prompt_len, new_tokens
+  experts = random_experts(cfg, lora, b, jax.random.key(seed + 1))
+  experts_b = gather_experts(experts, jnp.arange(b))  # row i uses expert i
+  one = jax.tree.map(lambda x: x[0], experts)
+  tokens = jax.random.randint(jax.random.key(seed), (b, t), 0, cfg.vocab_size, jnp.int32)
+  lengths = jnp.full((b,), t, jnp.int32)
+  scale = lora.scale
+
+  def fns(kind):
+    """Jitted prefill and k-step greedy decode; weights and experts are arguments, not constants."""
+    pre, dec = (prefill, decode_step)
+    if kind == "mixed":  # as generate_rows: experts in layer-major layout, gathered once per batch
+      pre = functools.partial(rows_prefill, expert_axis=1)
+      dec = functools.partial(rows_decode_step, expert_axis=1)
+
+    @jax.jit
+    def run_prefill(params, e, tokens, lengths):
+      return pre(params, e, tokens, lengths, init_cache(cfg, b, t + k), cfg, lora_scale=scale)
+
+    @jax.jit
+    def run_decode(params, e, logits, cache):
+      def body(_, carry):
+        logits, cache = carry
+        return dec(params, e, sample_logits(logits, None), cache, cfg, lora_scale=scale)
+      return jax.lax.fori_loop(0, k, body, (logits, cache))
+
+    return run_prefill, run_decode
+
+  out = {}
+  for kind in ("mixed", "one", "base"):
+    e = {"mixed": layer_major(experts_b), "one": one, "base": None}[kind]
+    run_prefill, run_decode = fns(kind)
+    logits, cache = run_prefill(params, e, tokens, lengths)
+    tp = _median_time(lambda: jax.block_until_ready(run_prefill(params, e, tokens, lengths)), reps)
+    td = _median_time(lambda: jax.block_until_ready(run_decode(params, e, logits, cache)), reps)
+    _log(f"mixie {kind}: prefill {tp:.2f}s decode {td:.2f}s")
+    out[kind] = {"prefill_tok_s": b * t / tp, "decode_tok_s": b * k / td,
+                 "prefill_s": tp, "decode_s": td}
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# HF PEFT: mixed-adapter batches (adapter_names=) and one active adapter, same model shape
+
+
+def hf_config(cfg: LlamaConfig):
+  import transformers
+  return transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+      num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
+      rms_norm_eps=cfg.rms_eps, tie_word_embeddings=cfg.tie_embeddings,
+      max_position_embeddings=cfg.max_seq_len)
+
+
+def peft_serving(hf_model, lora, *, rows, prompt_len, new_tokens, reps, device="cpu", seed=0,
+                 decode_tokens_mixed=None):
+  """Prefill and decode tokens/s of PEFT with `rows` adapters mixed in one batch, and with one."""
+  import peft
+  import torch
+
+  torch.manual_seed(seed)
+  targets = [{"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
+              "up": "up_proj", "down": "down_proj"}[p] for p in lora.targets]
+  pc = peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=targets, lora_dropout=0.0,
+                       init_lora_weights=False)  # random A and B: no zero-B shortcut
+  model = peft.get_peft_model(hf_model, pc, adapter_name="e0")
+  for i in range(1, rows):
+    model.add_adapter(f"e{i}", pc)
+  model.eval()
+  dtype = next(hf_model.parameters()).dtype
+  model.to(device=device, dtype=dtype)
+  names = [f"e{i}" for i in range(rows)]
+  ids = torch.randint(0, hf_model.config.vocab_size, (rows, prompt_len), device=device)
+  sync = (lambda: torch.cuda.synchronize()) if device != "cpu" else (lambda: None)
+  # transformers 5 names the KV cache `cache`; 4.x `past_key_values`
+  import inspect
+  cache_kw = "cache" if "cache" in inspect.signature(type(hf_model).forward).parameters else "past_key_values"
+
+  def run_prefill(kw):
+    with torch.inference_mode():
+      out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw)
+    sync()
+    return out
+
+  def run_decode(kw, steps):
+    with torch.inference_mode():
+      out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw)
+      kv, tok = getattr(out, cache_kw), out.logits[:, -1].argmax(-1)
+      sync()
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        out = model(input_ids=tok[:, None], use_cache=True, **{cache_kw: kv}, **kw)
+        kv, tok = getattr(out, cache_kw), out.logits[:, -1].argmax(-1)
+      sync()
+      return time.perf_counter() - t0
+
+  res = {}
+  for kind, kw in (("mixed", {"adapter_names": names}), ("one", {})):
+    model.set_adapter("e0")
+    steps = new_tokens if kind == "one" or decode_tokens_mixed is None else decode_tokens_mixed
+    tp = _median_time(lambda: run_prefill(kw), reps)
+    run_decode(kw, 2)  # warm-up
+    td = float(np.median([run_decode(kw, steps) for _ in range(reps)]))
+    res[kind] = {"prefill_tok_s": rows * prompt_len / tp, "decode_tok_s": rows * steps / td,
+                 "prefill_s": tp, "decode_s": td}
+    _log(f"peft {kind}: prefill {tp:.2f}s decode {td:.2f}s ({steps} steps)")
+  return res
+
+
+def serve_section(args):
+  torch_threads = os.cpu_count()
+  import torch
+  torch.set_num_threads(torch_threads)
+  lora = LoraConfig(rank=8, alpha=16.0)
+  b, t, k = (4, 16, 4) if args.quick else (args.rows, args.prompt_len, args.new_tokens)
+  if args.model == "gguf":
+    import transformers
+    from configs.common import base_config
+    from mixie import assets
+    from mixie.model.load import load_base
+    mc = base_config().model
+    cfg, params, _ = load_base(mc)
+    path = assets.smollm2_gguf()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32)
+    model_name = "SmolLM2-135M-Instruct (shipped GGUF, dequantized to f32)"
+  else:
+    import transformers
+    cfg = PRESETS["smollm2_135m"]
+    if args.quick:
+      cfg = cfg.replace(n_layers=2)
+    params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+    hf = transformers.LlamaForCausalLM(hf_config(cfg)).to(torch.float32)
+    model_name = "random weights, SmolLM2-135M shape" + (" (2 layers, --quick)" if args.quick else "")
+  mixie_res = mixie_serving(cfg, params, lora, rows=b, prompt_len=t, new_tokens=k, reps=args.reps)
+  peft_res = peft_serving(hf, lora, rows=b, prompt_len=t, new_tokens=k, reps=args.reps)
+  return {
+      "model": model_name, "rows": b, "distinct_experts_mixed": b, "prompt_tokens": t,
+      "new_tokens": k, "lora_rank": lora.rank, "targets": list(lora.targets), "dtype": "float32",
+      "backend": jax.default_backend(), "cpu_count": os.cpu_count(), "torch_threads": torch_threads,
+      "mixie": mixie_res, "peft": peft_res, "ratios": _ratios(mixie_res, peft_res)}
+
+
+def _ratios(m, p):
+  r = {}
+  for phase in ("prefill", "decode"):
+    key = f"{phase}_tok_s"
+    r[f"{phase}_mixie_mixed_over_mixie_one"] = m["mixed"][key] / m["one"][key]
+    r[f"{phase}_mixie_mixed_over_peft_mixed"] = m["mixed"][key] / p["mixed"][key]
+    r[f"{phase}_mixie_one_over_peft_one"] = m["one"][key] / p["one"][key]
+    r[f"{phase}_peft_mixed_over_peft_one"] = p["mixed"][key] / p["one"][key]
+  return r
+
+
+# ---------------------------------------------------------------------------------------------------
+# routing: ScaNN vs exact numpy
+
+
+def _clustered(n, d, centres, spread, rng):
+  lab = rng.integers(0, len(centres), n)
+  x = centres[lab] + spread * rng.normal(size=(n, d)).astype(np.float32) / np.sqrt(d)
+  return x.astype(np.float32), lab
+
+
+def route_section(args):
+  from mixie.route.router import Router, RouterConfig, vote
+  from mixie.route.search import Index, SearchConfig
+
+  rng = np.random.default_rng(0)
+  d = 384
+  out = {}
+  # 5000 centroids; queries: a random centroid's direction + noise of equal norm (cos ~0.7)
+  k, nq = (500, 200) if args.quick else (5000, 2000)
+  cents = rng.normal(size=(k, d)).astype(np.float32)
+  own = rng.integers(0, k, nq)
+  q = cents[own] / np.linalg.norm(cents[own], axis=1, keepdims=True)
+  q = q + rng.normal(size=(nq, d)).astype(np.float32) / np.sqrt(d)
+  res = {"centroids": k, "queries": nq, "dim": d}
+  exact_ids = None
+  for backend in ("numpy", "brute", "tree"):
+    t0 = time.perf_counter()
+    r = Router(cents, RouterConfig(search=SearchConfig(backend=backend)))
+    build = time.perf_counter() - t0
+    t = _median_time(lambda: r.route(q), args.reps)
+    ids = r.route(q).expert_ids[:, 0]
+    if exact_ids is None:
+      exact_ids = ids
+    res[backend] = {"build_s": build, "us_per_query": 1e6 * t / nq,
+                    "recall_at_1": float(np.mean(ids == exact_ids))}
+    if backend == "tree":
+      res[backend]["tree"] = vars(r.centroid_index.tree)
+  res["speedup_brute_over_numpy"] = res["numpy"]["us_per_query"] / res["brute"]["us_per_query"]
+  res["speedup_tree_over_numpy"] = res["numpy"]["us_per_query"] / res["tree"]["us_per_query"]
+  out["centroid_5000"] = res
+
+  # kNN over n document vectors around 5000 topic centres (k = 16 neighbours vote)
+  n, nq, n_topics = (20000, 100, 200) if args.quick else (args.knn_docs, 1000, 5000)
+  centres = rng.normal(size=(n_topics, d)).astype(np.float32)
+  docs, topics = _clustered(n, d, centres, 1.0, rng)
+  queries, _ = _clustered(nq, d, centres, 1.0, rng)
+  res = {"documents": n, "queries": nq, "dim": d, "topics": n_topics, "knn_k": 16}
+  exact = None
+  for backend in ("numpy", "brute", "tree"):
+    t0 = time.perf_counter()
+    idx = Index(docs, 16, SearchConfig(backend=backend))
+    build = time.perf_counter() - t0
+    t = _median_time(lambda: idx.search(queries), max(1, args.reps // 2))
+    ids, _ = idx.search(queries)
+    if exact is None:
+      exact = ids
+    hit = np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(ids, exact)])
+    votes = vote(topics[ids], np.zeros(ids.shape), n_topics)
+    if backend == "numpy":
+      exact_votes = votes
+    res[backend] = {"build_s": build, "us_per_query": 1e6 * t / nq, "recall_at_16": float(hit),
+                    "recall_at_1": float(np.mean(ids[:, 0] == exact[:, 0])),
+                    "vote_agreement": float(np.mean(votes == exact_votes))}
+    if backend == "tree":
+      res[backend]["tree"] = vars(idx.tree)
+    del idx
+  res["speedup_brute_over_numpy"] = res["numpy"]["us_per_query"] / res["brute"]["us_per_query"]
+  res["speedup_tree_over_numpy"] = res["numpy"]["us_per_query"] / res["tree"]["us_per_query"]
+  out[f"knn_{n}"] = res
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU: TinyLlama-1.1B shape
+
+
+def gpu_section(args):
+  import torch
+  import transformers
+
+  dry = args.gpu_dry_run
+  if not dry and (jax.default_backend() != "gpu" or not torch.cuda.is_available()):
+    return {"skipped": f"no GPU (jax backend {jax.default_backend()}, torch cuda "
+                       f"{torch.cuda.is_available()})"}
+  cfg = PRESETS["tinyllama_1b"].replace(dtype="bfloat16", param_dtype="bfloat16")
+  b, t, k, k_peft_mixed = 32, 512, 64, 16
+  if dry:  # exercise the code on CPU with a tiny shape
+    cfg = cfg.replace(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=256)
+    b, t, k, k_peft_mixed = 4, 16, 4, 2
+  lora = LoraConfig(rank=16, alpha=32.0, dtype="bfloat16")
+  params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+  mixie_res = mixie_serving(cfg, params, lora, rows=b, prompt_len=t, new_tokens=k, reps=args.reps)
+  del params
+  device = "cpu" if dry else "cuda"
+  hf = transformers.LlamaForCausalLM(hf_config(cfg)).to(device=device, dtype=torch.bfloat16)
+  peft_res = peft_serving(hf, lora, rows=b, prompt_len=t, new_tokens=k, reps=args.reps, device=device,
+                          decode_tokens_mixed=k_peft_mixed)
+  return {"model": "random weights, TinyLlama-1.1B shape" + (" (tiny, dry run)" if dry else ""),
+          "device": str(jax.devices()[0].device_kind), "rows": b, "prompt_tokens": t,
+          "new_tokens_mixie": k, "new_tokens_peft_mixed": k_peft_mixed, "lora_rank": lora.rank,
+          "dtype": "bfloat16", "mixie": mixie_res, "peft": peft_res,
+          "ratios": _ratios(mixie_res, peft_res)}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--sections", default="serve,route", help="comma list of serve, route, gpu")
+  ap.add_argument("--model", default="gguf", choices=("gguf", "random"))
+  ap.add_argument("--rows", type=int, default=16)
+  ap.add_argument("--prompt-len", type=int, default=64)
+  ap.add_argument("--new-tokens", type=int, default=16)
+  ap.add_argument("--knn-docs", type=int, default=1_000_000)
+  ap.add_argument("--reps", type=int, default=3)
+  ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test of the script)")
+  ap.add_argument("--gpu-dry-run", action="store_true", help="run the gpu section tiny, on CPU")
+  ap.add_argument("--out", default="", help="also write the JSON here")
+  args = ap.parse_args()
+  sections = [s for s in args.sections.split(",") if s]
+  result = {"jax": jax.__version__, "backend": jax.default_backend()}
+  for s in sections:
+    fn = {"serve": serve_section, "route": route_section, "gpu": gpu_section}[s]
+    t0 = time.perf_counter()
+    result[s] = fn(args)
+    result[s]["section_wall_s"] = time.perf_counter() - t0
+    print(f"[{s} done in {result[s]['section_wall_s']:.0f}s]", file=sys.stderr, flush=True)
+  text = json.dumps(result, indent=2)
+  print(text)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  main()

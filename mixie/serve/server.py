@@ -1,0 +1,229 @@
+"""The serving engine: route prompts, then decode them in one batch where each row uses its own expert.
+
+`Server.generate(prompts)`:
+1. tokenizes the prompts and routes each on its first `route_tokens` tokens (`Router.route_queries`);
+2. fetches the rows' experts into the on-device LRU cache (`ExpertCache`), loading misses from the
+   expert store; a prompt whose expert is missing or corrupt gets an error `Result`, the rest go on;
+3. decodes the batch with `generate_rows` (one jitted prefill + decode loop, KV cache, greedy or
+   sampled, stop tokens, right-padded prompts of mixed lengths). In `topk` mode each prompt occupies
+   k rows whose next-token distributions are mixed with the router's weights.
+
+Batches are padded to power-of-two rows and prompt lengths to a multiple of `length_bucket`, so a
+server compiles a few shapes, not one per request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixie.errors import ConfigError, MixieError, check
+from mixie.model.llama import LlamaConfig
+from mixie.model.lora import LoraConfig
+from mixie.serve.batched import gather_experts, generate_rows
+from mixie.serve.cache import ExpertCache
+from mixie.store import ExpertStore
+
+
+def lora_from_store(store: ExpertStore) -> LoraConfig:
+  """The `LoraConfig` of the store's experts (from its first expert's metadata)."""
+  topics = store.topics()
+  check(bool(topics), f"expert store {store.dir} holds no experts; train them first "
+        "(python -m mixie.train) or pass lora=", ConfigError)
+  m = store.meta(topics[0])
+  return LoraConfig(rank=int(m["rank"]), alpha=float(m["alpha"]), targets=tuple(m["targets"]))
+
+
+@dataclasses.dataclass
+class Result:
+  """One prompt's answer: generated `text` and `tokens` (stop token excluded), its top-1 `expert`
+  (-1 = the base), all its `experts` with their weights, or the `error` that failed it."""
+
+  text: str = ""
+  tokens: list[int] = dataclasses.field(default_factory=list)
+  expert: int = -1
+  error: str | None = None
+  experts: tuple[tuple[int, float], ...] = ()
+
+
+def _bucket_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+class Server:
+  """Routes and serves prompts with a frozen base and per-prompt LoRA experts."""
+
+  def __init__(self, base_cfg: LlamaConfig, params, tokenizer, store: ExpertStore, router, embedder,
+               cache_slots: int = 16, *, lora: LoraConfig | None = None,
+               base_fingerprint: str | None = None, length_bucket: int = 32):
+    """Args:
+      base_cfg, params: the frozen base model.
+      tokenizer: `encode(text) -> ids`, `decode(ids) -> text`, `eos_ids` (`mixie.model.tokenizer`).
+      store: the `ExpertStore` of the run; experts are keyed by topic id.
+      router: a `mixie.route.router.Router`, or None (every prompt gets the base).
+      embedder: the topics' embedder (`embed(texts) -> [n, d]`); unused without a router.
+      cache_slots: experts held on device at once.
+      lora: the experts' rank/alpha/targets; default: read from the store's first expert.
+      base_fingerprint: the base's `mixie.model.checkpoint.fingerprint` (computed when None); experts
+        trained on another base are refused.
+    """
+    self.cfg = base_cfg
+    self.params = params
+    self.tokenizer = tokenizer
+    self.store = store
+    self.router = router
+    self.embedder = embedder
+    self.lora = lora if lora is not None else lora_from_store(store)
+    if base_fingerprint is None:
+      from mixie.model.checkpoint import fingerprint
+      base_fingerprint = fingerprint(base_cfg, params)
+    self.base_fingerprint = base_fingerprint
+    if router is not None:
+      check(router.cfg.mode != "oracle", "route.mode=oracle is for evaluation only; serving needs "
+            "centroid, knn or topk", ConfigError)
+    self.cache = ExpertCache(base_cfg, self.lora, self._load_expert, cache_slots)
+    self.length_bucket = int(length_bucket)
+
+  def _load_expert(self, topic: int):
+    """One expert from the store, refused unless it matches this base and the serving LoRA config."""
+    tree, meta = self.store.load(topic, self.base_fingerprint)
+    if float(meta["alpha"]) != float(self.lora.alpha) or int(meta["rank"]) != self.lora.rank:
+      raise MixieError(f"{self.store.entry_dir(topic)}: expert of topic {topic} has rank {meta['rank']}, "
+                       f"alpha {meta['alpha']}; the server runs rank {self.lora.rank}, alpha "
+                       f"{self.lora.alpha}")
+    return tree
+
+  # --- routing -------------------------------------------------------------------------------------
+
+  def route(self, token_ids: Sequence[Sequence[int]]):
+    """Expert ids `[n, g]` and weights `[n, g]` of tokenized prompts (g = 1 without topk)."""
+    n = len(token_ids)
+    if self.router is None:
+      return np.full((n, 1), -1, np.int32), np.ones((n, 1), np.float32)
+    r = self.router.route_queries(self.embedder, self.tokenizer, token_ids=token_ids)
+    return r.expert_ids, r.weights
+
+  # --- generation ----------------------------------------------------------------------------------
+
+  def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, stop: Sequence[int | str] | None = None,
+               seed: int = 0) -> list[Result]:
+    """Generates a continuation of each prompt with its routed expert(s).
+
+    `stop`: token ids and/or strings that end a continuation (default: the tokenizer's EOS ids);
+    strings are cut from the text after decoding. Returns one `Result` per prompt, in order.
+    """
+    check(len(prompts) > 0, "generate: no prompts given")
+    token_ids = [list(self.tokenizer.encode(p)) for p in prompts]
+    expert_ids, weights = self.route([ids if ids else [0] for ids in token_ids])
+    return self.generate_tokens(token_ids, expert_ids, weights, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, top_k=top_k, stop=stop,
+                                seed=seed)
+
+  def generate_tokens(self, token_ids: Sequence[Sequence[int]], expert_ids, weights=None, *,
+                      max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                      top_k: int = 0, stop: Sequence[int | str] | None = None,
+                      seed: int = 0) -> list[Result]:
+    """Generates from tokenized prompts with given experts: `expert_ids [n]` or `[n, g]` (-1 = base),
+    `weights [n, g]` (default uniform)."""
+    check(max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}", ConfigError)
+    check(temperature >= 0.0, f"temperature must be >= 0, got {temperature}", ConfigError)
+    check(0.0 < top_p <= 1.0, f"top_p must be in (0, 1], got {top_p}", ConfigError)
+    check(top_k >= 0, f"top_k must be >= 0, got {top_k}", ConfigError)
+    expert_ids = np.asarray(expert_ids, np.int64)
+    if expert_ids.ndim == 1:
+      expert_ids = expert_ids[:, None]
+    n, g = expert_ids.shape
+    check(n == len(token_ids), f"{len(token_ids)} prompts but {n} routes")
+    weights = (np.full((n, g), 1.0 / g, np.float32) if weights is None
+               else np.asarray(weights, np.float32).reshape(n, g))
+    stop = tuple(self.tokenizer.eos_ids) if stop is None else tuple(stop)
+    stop_ids = np.array(sorted({int(s) for s in stop if not isinstance(s, str)}), np.int32)
+    stop_strs = [s for s in stop if isinstance(s, str) and s]
+
+    results = [Result(expert=int(expert_ids[i, np.argmax(weights[i])]),
+                      experts=tuple((int(e), float(w)) for e, w in zip(expert_ids[i], weights[i])))
+               for i in range(n)]
+    todo = []
+    for i, ids in enumerate(token_ids):
+      if not ids:
+        results[i].error = "empty prompt (no tokens)"
+      elif len(ids) + max_new_tokens > self.cfg.max_seq_len:
+        results[i].error = (f"prompt of {len(ids)} tokens + max_new_tokens={max_new_tokens} exceeds "
+                            f"the model's max_seq_len={self.cfg.max_seq_len}")
+      else:
+        todo.append(i)
+
+    key = jax.random.key(seed)
+    for chunk_no, chunk in enumerate(self._chunks(todo, expert_ids)):
+      slot_n, errors = self.cache.slots_for(expert_ids[chunk].reshape(-1))
+      slot_pg = slot_n.reshape(len(chunk), g)
+      ok = []
+      for j, i in enumerate(chunk):
+        bad = [errors[int(e)] for e in expert_ids[i] if int(e) in errors]
+        if bad:
+          results[i].error = bad[0]
+        else:
+          ok.append(j)
+      if not ok:
+        continue
+      rows = [chunk[j] for j in ok]
+      out_pn, n_p = self._decode([token_ids[i] for i in rows], slot_pg[ok], weights[rows],
+                                 stop_ids, jax.random.fold_in(key, chunk_no), max_new_tokens,
+                                 temperature, top_p, top_k)
+      for j, i in enumerate(rows):
+        toks = [int(t) for t in out_pn[j, :n_p[j]]]
+        if toks and toks[-1] in set(stop_ids.tolist()):
+          toks = toks[:-1]
+        text = self.tokenizer.decode(toks)
+        for s in stop_strs:
+          cut = text.find(s)
+          if cut >= 0:
+            text = text[:cut]
+        results[i].tokens, results[i].text = toks, text
+    return results
+
+  def _chunks(self, todo: list[int], expert_ids: np.ndarray) -> list[list[int]]:
+    """Splits prompts into batches that need at most `cache.capacity` distinct experts each."""
+    chunks, cur, seen = [], [], set()
+    for i in todo:
+      new = {int(e) for e in expert_ids[i] if e >= 0} - seen
+      if cur and len(seen) + len(new) > self.cache.capacity:
+        chunks.append(cur)
+        cur, seen = [], set()
+        new = {int(e) for e in expert_ids[i] if e >= 0}
+      cur.append(i)
+      seen |= new
+    if cur:
+      chunks.append(cur)
+    return chunks
+
+  def _decode(self, token_ids, slot_pg, weights_pg, stop_ids, key, max_new_tokens, temperature,
+              top_p, top_k):
+    """Pads one batch to bucketed shapes and runs `generate_rows`."""
+    p, g = slot_pg.shape
+    p_pad = _bucket_pow2(p)
+    t_max = max(len(ids) for ids in token_ids)
+    t_pad = -(-t_max // self.length_bucket) * self.length_bucket
+    t_pad = min(t_pad, self.cfg.max_seq_len - max_new_tokens)
+    tokens = np.zeros((p_pad, t_pad), np.int32)
+    lengths = np.ones((p_pad,), np.int32)
+    for j, ids in enumerate(token_ids):
+      tokens[j, :len(ids)] = ids
+      lengths[j] = len(ids)
+    slots = np.full((p_pad, g), -1, np.int32)
+    slots[:p] = slot_pg
+    w = np.full((p_pad, g), 1.0 / g, np.float32)
+    w[:p] = weights_pg
+    experts_b = gather_experts(self.cache.slots_c, jnp.asarray(slots.reshape(-1)))
+    out_pn, n_p = generate_rows(
+        self.params, experts_b, jnp.asarray(w), jnp.asarray(np.repeat(tokens, g, axis=0)),
+        jnp.asarray(np.repeat(lengths, g)), jnp.asarray(stop_ids), key, cfg=self.cfg,
+        lora_scale=self.lora.scale, max_new_tokens=int(max_new_tokens),
+        temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
+    out_pn, n_p = jax.device_get((out_pn, n_p))
+    return np.asarray(out_pn)[:p], np.asarray(n_p)[:p]
