@@ -22,8 +22,11 @@ _PROMPT = flags.DEFINE_multi_string("prompt", [], "a prompt (repeat for a batch)
 _SEED = flags.DEFINE_integer("seed", None, "sampling seed (default: config.seed)")
 
 
-def make_server(config):
-  """The `Server` of a run: base, tokenizer, topics embedder, router and expert store of `workdir`."""
+def make_server(config, loaded=None):
+  """The `Server` of a run: base, tokenizer, topics embedder, router and expert store of `workdir`.
+
+  `loaded`: an already loaded `(LlamaConfig, params, Tokenizer)` (default: `load_base(config.model)`).
+  """
   from mixie import io as mio
   from mixie.cluster.embed import load_embedder
   from mixie.cluster.topics import topics_dir
@@ -35,7 +38,7 @@ def make_server(config):
   store = ExpertStore(mio.path(config.workdir) / "experts")
   if not store.topics():
     raise MixieError(f"{store.dir}: no trained experts; run `python -m mixie.train --config=...` first")
-  cfg, params, tokenizer = load_base(config.model)
+  cfg, params, tokenizer = loaded if loaded is not None else load_base(config.model)
   if tokenizer is None:
     raise ConfigError("model: this base has no tokenizer; mixie.generate needs one")
   embedder = load_embedder(topics_dir(config.workdir) / "embedder", base=(cfg, params, tokenizer),
