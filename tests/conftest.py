@@ -12,3 +12,83 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402  (after the flags)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# --- a tiny trained work directory (session-scoped; used by the analysis and notebook tests) ----------
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# `configs/demo.py:tiny` shrunk further for a CPU test: a 2-layer d=32 random Llama in HF format with the
+# shipped SmolLM2 tokenizer, tf-idf topics of 240 documents, 4 experts trained at once for 8 steps,
+# no baseline; then `mixie.evaluate` with two routing prefixes.
+TINY_RUN_OVERRIDES = {
+    "model.source": "hf", "cluster.embedder": "tfidf", "cluster.embed_tokens": 16, "data.max_docs": 240,
+    "cluster.k": 4, "train.slots": 4, "train.batch_per_slot": 2, "dataset.seq_len": 32,
+    "train.tokens_per_expert": 512, "train.checkpoint_every": 100, "train.baselines": "()",
+    "train.eval_after": False, "mesh.shape": "(1,1,1)", "eval.max_docs": 24, "eval.prefix_tokens": "(4,8)",
+    "route.knn_k": 4,
+}
+
+
+def write_tiny_hf_llama(out: Path, seed: int = 0) -> Path:
+  """A random 2-layer Llama (d=32, vocab 49152) as an HF checkpoint directory: config.json,
+  model.safetensors (HF tensor names, [out, in] weights) and the shipped SmolLM2 tokenizer. No torch."""
+  import safetensors.numpy
+
+  from mixie import assets
+  from mixie.model.tokenizer import Tokenizer
+
+  V, D, F, L, N, K = 49152, 32, 64, 2, 4, 2
+  H = D // N
+  rng = np.random.default_rng(seed)
+  w = lambda *s: (0.05 * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
+  t = {"model.embed_tokens.weight": w(V, D), "model.norm.weight": np.ones(D, np.float32)}
+  for i in range(L):
+    p = f"model.layers.{i}."
+    t.update({p + "input_layernorm.weight": np.ones(D, np.float32),
+              p + "post_attention_layernorm.weight": np.ones(D, np.float32),
+              p + "self_attn.q_proj.weight": w(N * H, D), p + "self_attn.k_proj.weight": w(K * H, D),
+              p + "self_attn.v_proj.weight": w(K * H, D), p + "self_attn.o_proj.weight": w(D, N * H),
+              p + "mlp.gate_proj.weight": w(F, D), p + "mlp.up_proj.weight": w(F, D),
+              p + "mlp.down_proj.weight": w(D, F)})
+  out.mkdir(parents=True, exist_ok=True)
+  safetensors.numpy.save_file(t, str(out / "model.safetensors"))
+  (out / "config.json").write_text(json.dumps({
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": V, "hidden_size": D,
+      "intermediate_size": F, "num_hidden_layers": L, "num_attention_heads": N, "num_key_value_heads": K,
+      "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+      "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2}))
+  Tokenizer.from_gguf(assets.smollm2_gguf()).tok.save(str(out / "tokenizer.json"))
+  (out / "tokenizer_config.json").write_text(json.dumps(
+      {"eos_token": "<|im_end|>", "bos_token": "<|im_start|>", "add_bos_token": False}))
+  return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """A work directory after `python -m mixie.train --config=configs/demo.py:tiny` (with
+  `TINY_RUN_OVERRIDES`) and `python -m mixie.evaluate` on it, each a subprocess on one CPU device.
+
+  Returns `{"workdir": Path, "hf": Path, "overrides": dict}`; read-only for the tests that use it.
+  """
+  tmp = tmp_path_factory.mktemp("tiny_run")
+  hf = write_tiny_hf_llama(tmp / "hf")
+  workdir = tmp / "workdir"
+  over = {**TINY_RUN_OVERRIDES, "model.path": str(hf)}
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device in the subprocesses
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  for stage in ("mixie.train", "mixie.evaluate"):
+    cmd = [sys.executable, "-m", stage, "--config=configs/demo.py:tiny", f"--workdir={workdir}"] + [
+        f"--config.{k}={v}" for k, v in over.items()]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"{stage} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+  return {"workdir": workdir, "hf": hf, "overrides": over}

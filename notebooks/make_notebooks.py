@@ -1,0 +1,189 @@
+"""Writes `topics.ipynb` and `experts.ipynb` (no outputs) from the cell sources below.
+
+    python notebooks/make_notebooks.py           # rewrite both notebooks
+    python notebooks/make_notebooks.py --check   # exit 1 if a committed notebook differs
+
+The notebooks hold no logic: every cell calls `mixie.analysis`. Edit the cells here, not in Jupyter, and
+commit the regenerated files. Each notebook opens with an install cell (does something only in Colab)
+and a parameters cell (tagged `parameters` for papermill; environment variables `MIXIE_WORKDIR` and
+`MIXIE_FIGDIR` override its defaults), which is how `tests/test_notebooks.py` runs them headless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import nbformat
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+INSTALL = '''\
+# Install mixie: only in Colab (elsewhere mixie is installed already: `make install`). MIXIE_SOURCE is a
+# git URL (cloned) or a folder holding the repository (e.g. on a mounted Drive); mixie is installed as
+# the Makefile does: requirements, the offline assets (no deps), then mixie itself.
+import os, subprocess, sys
+
+MIXIE_SOURCE = os.environ.get("MIXIE_SOURCE", "")  # e.g. "https://github.com/<you>/mixie.git"
+if "google.colab" in sys.modules:
+  if not MIXIE_SOURCE:
+    raise ValueError("set MIXIE_SOURCE to the mixie repository's git URL or folder")
+  src = MIXIE_SOURCE
+  if not os.path.isdir(src):
+    subprocess.run(["git", "clone", "-q", "--depth=1", MIXIE_SOURCE, "/content/mixie"], check=True)
+    src = "/content/mixie"
+  pip = [sys.executable, "-m", "pip", "install", "-q"]
+  subprocess.run(pip + ["-r", f"{src}/requirements.txt"], check=True)
+  subprocess.run(pip + ["--no-deps", "-r", f"{src}/requirements-assets.txt"], check=True)
+  subprocess.run(pip + ["--no-deps", "-e", src], check=True)
+  sys.path.insert(0, src)  # an editable install is picked up by new processes only'''
+
+SETUP = '''\
+%matplotlib inline
+from mixie import analysis
+
+FIGDIR = analysis.figure_dir(WORKDIR, FIGDIR)
+print(f"work directory: {WORKDIR}\\nfigures: {FIGDIR}")'''
+
+TOPICS = [
+    ("markdown", """\
+# mixie: the topics of a run
+
+What the cluster stage (`python -m mixie.cluster`, or the first part of `python -m mixie.train`) made
+of the corpus: how large the topics are, how they lie in the embedding space, which words and documents
+characterise them, and how they agree with the corpus's reference labels (when it has any).
+
+Every cell calls `mixie.analysis`; the figures are also written as PNG files into `FIGDIR`. Run it in
+Colab (set `MIXIE_SOURCE` in the first cell, mount Drive or use a `gs://` work directory), in Jupyter,
+or headless: `MIXIE_WORKDIR=... MIXIE_FIGDIR=... jupyter nbconvert --execute --to notebook topics.ipynb`
+(or papermill with `-p WORKDIR ...`)."""),
+    ("code", INSTALL),
+    ("parameters", '''\
+import os
+
+WORKDIR = os.environ.get("MIXIE_WORKDIR", "/tmp/mixie_demo")  # the run's work directory (local or gs://)
+FIGDIR = os.environ.get("MIXIE_FIGDIR", "")  # where PNGs go; "" = <WORKDIR>/figures
+MAP_METHOD = "pca"  # 2-D map of the embeddings: "pca" or "umap" (slower)
+N_TERMS = 10  # top words per topic
+N_TITLES = 3  # example titles per topic (the documents nearest its centroid)
+MAX_TOPICS = 12  # topics shown in the top-words figure (the largest)'''),
+    ("code", SETUP),
+    ("markdown", "## Topic sizes\nTraining documents per topic (held-out documents stacked on top)."),
+    ("code", '''\
+topics = analysis.load_topics_data(WORKDIR)
+analysis.plot_topic_sizes(topics, save_dir=FIGDIR)'''),
+    ("markdown", "## Map of the documents\nThe document embeddings in 2-D, coloured by topic; stars are the "
+                 "topic centroids, crosses the held-out documents."),
+    ("code", "analysis.plot_topic_map(topics, method=MAP_METHOD, save_dir=FIGDIR)"),
+    ("markdown", "## What the topics are about\nThe words with the highest mean TF-IDF in each topic's "
+                 "training documents, and the titles of the documents nearest each centroid."),
+    ("code", '''\
+texts = analysis.load_texts(WORKDIR)
+terms = analysis.top_terms(topics, texts, n_terms=N_TERMS, n_titles=N_TITLES)
+print(analysis.format_top_terms(terms))'''),
+    ("code", "analysis.plot_top_terms(terms, max_topics=MAX_TOPICS, save_dir=FIGDIR)"),
+    ("markdown", "## Agreement with the reference labels\nNMI and ARI of the topics against the corpus's "
+                 "labels on the training documents, and the topic x label contingency table."),
+    ("code", '''\
+agreement = analysis.label_agreement(topics)
+analysis.plot_label_agreement(agreement, save_dir=FIGDIR)'''),
+]
+
+EXPERTS = [
+    ("markdown", """\
+# mixie: the experts of a run
+
+How the experts trained (`python -m mixie.train`) and what they are worth on held-out documents
+(`python -m mixie.evaluate`): training curves per expert, held-out perplexity of the base, the routed
+experts and the oracle (each document's own topic's expert) per topic, how often the router picks the
+document's own expert, and how that depends on the routing prefix length P.
+
+Every cell calls `mixie.analysis`; the figures are also written as PNG files into `FIGDIR`. Without
+`eval/` in the work directory, perplexity comes from the trainer's table and the routes are computed
+here with the run's embedder and router."""),
+    ("code", INSTALL),
+    ("parameters", '''\
+import os
+
+WORKDIR = os.environ.get("MIXIE_WORKDIR", "/tmp/mixie_demo")  # the run's work directory (local or gs://)
+FIGDIR = os.environ.get("MIXIE_FIGDIR", "")  # where PNGs go; "" = <WORKDIR>/figures
+PREFIX = None  # routing prefix P (tokens) for the per-topic figures; None = the largest evaluated
+ROUTE_MODE = "centroid"  # router whose confusion matrix is drawn: "centroid", "knn" or "topk"
+CURVES_X = "tokens"  # training curves against each expert's "tokens" or the run's "step"'''),
+    ("code", SETUP),
+    ("markdown", "## Training curves\nLoss and learning rate of every expert (and of the baselines)."),
+    ("code", '''\
+metrics = analysis.load_metrics(WORKDIR)
+analysis.plot_training_curves(metrics, x=CURVES_X, save_dir=FIGDIR)'''),
+    ("markdown", "## Held-out perplexity per topic\nThe base, the baselines, the routed experts and the "
+                 "oracle, scored on the tokens after the routing prefix."),
+    ("code", '''\
+ppl = analysis.load_perplexity(WORKDIR)
+analysis.plot_perplexity(ppl, prefix=PREFIX, save_dir=FIGDIR)'''),
+    ("markdown", "## Routing confusion\nEach held-out document's own topic's expert against the expert the "
+                 "router chose from the document's first P tokens."),
+    ("code", '''\
+routes = analysis.load_routes(WORKDIR, prefix=PREFIX, mode=ROUTE_MODE)
+analysis.plot_routing_confusion(routes, save_dir=FIGDIR)'''),
+    ("markdown", "## The routing prefix length\nPerplexity (relative to the base) and routing accuracy "
+                 "against the number of tokens P the router sees."),
+    ("code", "analysis.plot_prefix_effect(ppl, save_dir=FIGDIR)"),
+]
+
+NOTEBOOKS = {"topics.ipynb": TOPICS, "experts.ipynb": EXPERTS}
+
+
+def build(cells, stem: str) -> nbformat.NotebookNode:
+  """A notebook of `(kind, source)` cells; cell ids are stable (`<stem>-<i>`) so regenerating is a
+  no-op when nothing changed."""
+  nb = nbformat.v4.new_notebook()
+  nb.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+                 "language_info": {"name": "python"}, "colab": {"provenance": []}}
+  for i, (kind, src) in enumerate(cells):
+    if kind == "markdown":
+      cell = nbformat.v4.new_markdown_cell(src)
+    else:
+      cell = nbformat.v4.new_code_cell(src)
+      if kind == "parameters":
+        cell.metadata["tags"] = ["parameters"]
+    cell.id = f"{stem}-{i}"
+    nb.cells.append(cell)
+  nbformat.validate(nb)
+  return nb
+
+
+def render(name: str) -> str:
+  return nbformat.writes(build(NOTEBOOKS[name], name.split(".")[0])) + "\n"
+
+
+def essence(text: str) -> list:
+  """What `--check` compares: notebook metadata and each cell's type, id, metadata, source and outputs
+  (not the file's formatting or format minor version, which depend on the nbformat release)."""
+  nb = nbformat.reads(text, as_version=4)
+  return [nb.metadata] + [(c.cell_type, c.get("id"), c.metadata, c.source, c.get("outputs"),
+                           c.get("execution_count")) for c in nb.cells]
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--check", action="store_true", help="compare with the files instead of writing them")
+  ap.add_argument("--out", type=pathlib.Path, default=HERE, help="directory of the notebooks")
+  args = ap.parse_args(argv)
+  stale = []
+  for name in NOTEBOOKS:
+    p = args.out / name
+    text = render(name)
+    if args.check:
+      if not p.exists() or essence(p.read_text()) != essence(text):
+        stale.append(name)
+    else:
+      p.write_text(text)
+  if stale:
+    print(f"out of date: {', '.join(stale)}; run python notebooks/make_notebooks.py", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
