@@ -113,8 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.prefix_tokens = (16, 32)  # P: route on the first P tokens, score perplexity after P only
-  c.eval.max_docs = 0  # 0 = the whole held-out split
-  c.eval.batch = 16  # documents per evaluation batch
+  c.eval.route_modes = ("centroid", "knn", "topk")  # routed rows of the table (with base, baselines, oracle)
+  c.eval.max_docs = 0  # 0 = the whole held-out split; else a fixed-seed subset of this many documents
+  c.eval.batch = 16  # (document, expert) rows per forward; also the experts held on device while scoring
 
   c.generate = ml_collections.ConfigDict()
   c.generate.max_new_tokens = 64  # tokens decoded per prompt

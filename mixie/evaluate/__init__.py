@@ -1,1 +1,2 @@
-"""Evaluation: held-out perplexity of the base, baselines and experts (`ppl`)."""
+"""Evaluation: prefix-routed held-out perplexity of the base, the baselines and the routed experts
+(`run.evaluate`, `python -m mixie.evaluate`); per-token scoring of (document, expert) pairs (`ppl`)."""
