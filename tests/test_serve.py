@@ -318,3 +318,20 @@ def test_server_input_errors(model, served):
   with pytest.raises(ConfigError, match="oracle"):
     Server(CFG, model[0], _Tok(), served[1], server.router.with_config(mode="oracle"), None,
            lora=LORA)
+
+
+def test_server_topk_mode_mixes_the_routed_experts(model, served):
+  params, experts = model
+  server, _ = served
+  server.router = server.router.with_config(mode="topk", topk=2, temperature=1.0)
+  prompts = _prompts([6, 3], seed=9)
+  prompts[0][0], prompts[1][0] = 2, 5
+  res = server.generate([" ".join(map(str, p)) for p in prompts], max_new_tokens=MAX_NEW, stop=[])
+  for r, p in zip(res, prompts):
+    ids = [e for e, _ in r.experts]
+    w = np.array([x for _, x in r.experts], np.float32)
+    assert len(ids) == 2 and ids[0] == p[0] and r.expert == p[0] and w[0] > w[1] > 0
+    ref, _ = generate_rows(params, gather_experts(experts, jnp.asarray(ids)), jnp.asarray(w[None]),
+                           jnp.repeat(_padded([p])[0], 2, 0), jnp.repeat(_padded([p])[1], 2), NO_STOP,
+                           jax.random.key(0), cfg=CFG, lora_scale=LORA.scale, max_new_tokens=MAX_NEW)
+    assert r.tokens == np.asarray(ref[0]).tolist()
