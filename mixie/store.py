@@ -2,7 +2,7 @@
 
 Layout (local path or `gs://`):
 
-    <dir>/topic_000042/weights.safetensors   the expert's tensors, "q.a" [l, d_in, r], "q.b" [l, r, d_out], ...
+    <dir>/topic_000042/weights.safetensors   the expert's tensors: "q.a" [l, d_in, r], "q.b" [l, r, d_out]...
     <dir>/topic_000042/meta.json             topic id, centroid, tokens seen, final loss, rank, alpha,
                                              targets, base fingerprint (written last: the entry's
                                              completion marker)

@@ -1,4 +1,5 @@
-"""Expert store (round trip, completion marker, base fingerprint) and PEFT export/import (parity with peft)."""
+"""Expert store (round trip, completion marker, base fingerprint) and PEFT export/import (parity with
+peft)."""
 
 import json
 

@@ -37,7 +37,8 @@ def test_v5e_256_wave_memory_is_plausible():
 def test_sharding_rules_change_the_per_device_share():
   cfg = PRESETS["tinyllama_1b"].replace(param_dtype="bfloat16", dtype="bfloat16")
   lora = LoraConfig(rank=16, alpha=32.0)
-  rules = (("expert", "expert"), ("batch", "data"), ("heads", "model"), ("kv_heads", "model"), ("mlp", "model"))
+  rules = (("expert", "expert"), ("batch", "data"), ("heads", "model"), ("kv_heads", "model"),
+           ("mlp", "model"))
   one = wave_memory(cfg, lora, slots=256, batch_per_slot=8, seq_len=2048,
                     mesh_shape={"expert": 256, "data": 1, "model": 1}, rules=rules)
   two = wave_memory(cfg, lora, slots=256, batch_per_slot=8, seq_len=2048,

@@ -1,4 +1,5 @@
-"""The stacked train step: B = 0 equals the base, introversion, sharding, masked slots, per-expert optimizer."""
+"""The stacked train step: B = 0 equals the base, introversion, sharding, masked slots, per-expert
+optimizer."""
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +49,8 @@ def test_zero_b_experts_equal_base_exactly():
   experts = init_experts(TINY, spec.lora, jax.random.PRNGKey(3), 4)
   assert float(jnp.abs(experts["q"]["a"]).sum()) > 0  # A is random, only B is zero
   tok = jax.random.randint(jax.random.PRNGKey(1), (4, B, T), 0, TINY.vocab_size)
-  f = jax.jit(lambda e, t: jax.vmap(lambda ee, tt: forward(base, ee, tt, TINY, lora_scale=spec.lora.scale)[0])(e, t))
+  one = lambda ee, tt: forward(base, ee, tt, TINY, lora_scale=spec.lora.scale)[0]
+  f = jax.jit(lambda e, t: jax.vmap(one)(e, t))
   g = jax.jit(lambda t: jax.vmap(lambda tt: forward(base, None, tt, TINY)[0])(t))
   got, want = np.asarray(f(experts, tok)), np.asarray(g(tok))
   assert np.array_equal(got, want)
@@ -87,7 +89,8 @@ def test_per_expert_optimizer_matches_optax_adamw_alone():
   base = tiny_base()
   state, mets = _run(SPEC4, mesh(), base, TOPICS4, 4)
   e, topic = 1, TOPICS4[1]
-  params = jax.tree.map(lambda x: x[0], init_state(SPEC1, base, jnp.asarray([topic]), jnp.asarray([4]))["params"])
+  fresh = init_state(SPEC1, base, jnp.asarray([topic]), jnp.asarray([4]))["params"]
+  params = jax.tree.map(lambda x: x[0], fresh)
   lrs = jnp.asarray([float(m["lr"][e]) for m in mets])
   tx = optax.chain(optax.clip_by_global_norm(0.05),
                    optax.adamw(lambda c: lrs[c], b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05))
@@ -158,7 +161,8 @@ def test_reset_restarts_warmup_and_moments():
     state, met = comp.step(state, base, batch_for(TOPICS4, [s] * 4, B, T, TINY.vocab_size))
   before = _host(state)
   mask = np.asarray([False, True, False, False])
-  state = comp.reset(state, base, mask, np.asarray([0, 9, 0, 0], np.int32), np.asarray([1, 10, 1, 1], np.int32))
+  state = comp.reset(state, base, mask, np.asarray([0, 9, 0, 0], np.int32),
+                     np.asarray([1, 10, 1, 1], np.int32))
   h = _host(state)
   assert h["topic"].tolist() == [3, 9, 11, 5] and h["opt"]["step"].tolist() == [3, 0, 3, 3]
   for leaf in jax.tree.leaves(h["opt"]["tx"]):
@@ -180,3 +184,17 @@ def test_full_mode_trains_every_base_parameter():
   assert jax.tree.structure(jax.tree.map(lambda x: x[0], p)) == jax.tree.structure(base)
   assert not np.array_equal(p["layers"]["q"][0], np.asarray(base["layers"]["q"]))
   assert not np.array_equal(p["final_norm"][0], np.asarray(base["final_norm"]))
+
+
+def test_bfloat16_compute_keeps_f32_experts_and_tracks_f32_losses():
+  base = tiny_base()
+  topics = [0, 1]
+  spec32 = tiny_spec(2)
+  spec16 = tiny_spec(2, cfg=TINY.replace(dtype="bfloat16", param_dtype="bfloat16"))
+  base16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
+  s32, m32 = _run(spec32, mesh(), base, topics, 3)
+  s16, m16 = _run(spec16, mesh(), base16, topics, 3)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16["params"]))  # f32 experts and moments
+  assert all(x.dtype in (jnp.float32, jnp.int32) for x in jax.tree.leaves(s16["opt"]))
+  for a, b in zip(m32, m16):
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=2e-2)

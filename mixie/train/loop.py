@@ -57,6 +57,13 @@ def _gather_slots(tree, slots: list[int]):
   return jax.device_get(jax.jit(lambda t: jax.tree.map(lambda x: x[idx], t))(tree))
 
 
+def _put_batch(batch: dict, shardings: dict) -> dict:
+  """Host batch -> global arrays; each process places only its addressable shards (multi-host safe:
+  every process computes the same deterministic global batch)."""
+  return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx])
+          for k, v in batch.items()}
+
+
 def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: ExpertScheduler, *,
                ckpt_dir, store: ExpertStore | None, fingerprint: str, tokens_per_step: int,
                checkpoint_every: int = 50, log_every: int = 1, max_steps: int = 0,
@@ -179,8 +186,8 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
         break
       batch = loader.next_batch()
       tokens_e = np.asarray(batch["slot_tokens"], np.int64)
-      dev = jax.device_put({"tokens": batch["inputs"], "targets": batch["targets"],
-                            "loss_mask": batch["loss_mask"]}, comp.batch_shardings)
+      dev = _put_batch({"tokens": batch["inputs"], "targets": batch["targets"],
+                        "loss_mask": batch["loss_mask"]}, comp.batch_shardings)
       topics_now = list(scheduler.slot_topic)
       state, m = comp.step(state, frozen, dev)
       step += 1
@@ -193,7 +200,7 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
         params = _gather_slots(state["params"], done)
         for i, e in enumerate(done):
           topic = scheduler.release(e)
-          if store is not None:
+          if store is not None and jax.process_index() == 0:
             expert = jax.tree.map(lambda x: x[i], params)
             meta = {"tokens_seen": scheduler.slot_tokens[e], "final_loss": last_loss[e],
                     "rank": spec.lora.rank, "alpha": spec.lora.alpha, "targets": list(spec.lora.targets),

@@ -39,7 +39,8 @@ def _device_bytes(abstract, axes, mesh, rules) -> int:
   flat_axes = jax.tree.leaves(axes, is_leaf=is_axes)
   for a, names in zip(jax.tree.leaves(abstract), flat_axes):
     spec = shd.logical_to_spec(names, rules, mesh)
-    shard = [math.ceil(d / (mesh.shape[p] if p else 1)) for d, p in zip(a.shape, tuple(spec) + (None,) * a.ndim)]
+    parts = tuple(spec) + (None,) * a.ndim
+    shard = [math.ceil(d / (mesh.shape[p] if p else 1)) for d, p in zip(a.shape, parts)]
     total += math.prod(shard) * jnp.dtype(a.dtype).itemsize
   return total
 

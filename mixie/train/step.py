@@ -136,7 +136,8 @@ def batch_shardings(mesh: Mesh, rules) -> dict[str, NamedSharding]:
   return {k: s for k in BATCH_KEYS}
 
 
-def create_state(spec: TrainSpec, mesh: Mesh, rules, base, topics_e, horizon_e, comp: "Compiled | None" = None):
+def create_state(spec: TrainSpec, mesh: Mesh, rules, base, topics_e, horizon_e,
+                 comp: "Compiled | None" = None):
   """The initial train state, created directly in its shardings (never whole on one device first)."""
   comp = comp or compile_fns(spec, mesh, rules, jax.eval_shape(lambda: base))
   return comp.init(base, np.asarray(topics_e, np.int32), np.asarray(horizon_e, np.int32))
@@ -175,7 +176,8 @@ def train_step(spec: TrainSpec, state, base, batch):
   grads_e, (loss_e, n_e) = jax.grad(total, has_aux=True)(state["params"])
   mask_e = n_e > 0
   params, opt_state, m = optim.masked_update(spec.opt, state["params"], grads_e, state["opt"], mask_e)
-  metrics = {"loss": loss_e, "tokens": n_e.astype(jnp.int32), "grad_norm": jnp.where(mask_e, m["grad_norm"], 0.0),
+  metrics = {"loss": loss_e, "tokens": n_e.astype(jnp.int32),
+             "grad_norm": jnp.where(mask_e, m["grad_norm"], 0.0),
              "lr": m["lr"]}
   return {"params": params, "opt": opt_state, "topic": state["topic"]}, metrics
 
@@ -229,6 +231,7 @@ def _compile_fns(spec: TrainSpec, mesh: Mesh, rules, base_abstract) -> Compiled:
   reset = jax.jit(lambda s, b, m, t, h: reset_slots(spec, s, b, m, t, h),
                   in_shardings=(st, full_bs, e_sh, e_sh, e_sh), out_shardings=st, donate_argnums=(0,))
   rep = shd.replicated(mesh)
-  init = jax.jit(lambda b, t, h: init_state(spec, b, t, h), in_shardings=(full_bs, rep, rep), out_shardings=st)
+  init = jax.jit(lambda b, t, h: init_state(spec, b, t, h), in_shardings=(full_bs, rep, rep),
+                 out_shardings=st)
   return Compiled(step=step, reset=reset, init=init, state_shardings=st, base_shardings=full_bs,
                   batch_shardings=bt)
