@@ -17,7 +17,7 @@ from configs.common import base_config
 from mixie import io as mio
 from mixie.errors import ConfigError, MixieError
 from mixie.evaluate import run as R
-from mixie.evaluate.ppl import mixture_scores, pair_logprobs
+from mixie.evaluate.ppl import mixture_scores, pair_logprobs, row_sharding_of
 from mixie.model.checkpoint import fingerprint
 from mixie.model.llama import LlamaConfig, forward, param_shapes
 from mixie.model.lora import LoraConfig, expert_shapes
@@ -195,7 +195,8 @@ def test_oracle_is_the_documents_own_topic(run):
     for m in R.ROUTED_MODES:  # accuracy = top-1 routed expert is the own topic's expert
       ids, w = pd[f"p{P}.{m}.experts"], pd[f"p{P}.{m}.weights"]
       top1 = ids[np.arange(len(ids)), np.argmax(w, axis=1)]
-      assert res["by_prefix"][str(P)]["routing_accuracy"][m] == pytest.approx(np.mean(top1 == pd["own_expert"]))
+      acc = res["by_prefix"][str(P)]["routing_accuracy"][m]
+      assert acc == pytest.approx(np.mean(top1 == pd["own_expert"]))
 
 
 def test_topk_with_one_expert_equals_centroid(run, tmp_path):
@@ -228,8 +229,8 @@ def test_mixture_scores_equal_the_serving_engines_mixture(run):
   stack = {t: e for t, e in run["experts"].items()}
   cache = ExpertCache(CFG, LORA, lambda k: stack[k], 8)
   doc_m, key_m = np.repeat(np.arange(4), 2), np.tile([0, 1], 4)
-  lp_mt = pair_logprobs(R._committed(params), cache, seqs, doc_m, key_m, cfg=CFG, lora_scale=LORA.scale, batch=8,
-                        length=64)
+  lp_mt = pair_logprobs(R._committed(params), cache, seqs, doc_m, key_m, cfg=CFG, lora_scale=LORA.scale,
+                        batch=8, length=64)
   w_ng = np.asarray([[0.3, 0.7], [0.5, 0.5], [0.9, 0.1], [0.2, 0.8]], np.float32)
   P = 8
   nll, cnt = mixture_scores(lp_mt, np.asarray([len(s) for s in seqs]), np.arange(8).reshape(4, 2), w_ng,
@@ -246,8 +247,9 @@ def test_mixture_scores_equal_the_serving_engines_mixture(run):
 
 
 def test_pair_logprobs_on_a_mesh_and_through_cache_evictions(run):
-  """The main job's base lives on its training mesh: scoring there gives the same numbers; so does a
-  cache of two slots that must evict and reload experts between batches."""
+  """The main job's base lives on its training mesh: scoring there (the rows of a batch split over the
+  devices, or not) gives the same numbers; so does a cache of two slots that must evict and reload
+  experts between batches."""
   from jax.sharding import NamedSharding, PartitionSpec
   from mixie.serve.cache import ExpertCache
   from mixie.sharding import make_mesh
@@ -258,12 +260,16 @@ def test_pair_logprobs_on_a_mesh_and_through_cache_evictions(run):
   doc_m, key_m = np.arange(6), np.asarray([0, 1, -1, 2, 1, 0])
   mesh = make_mesh((2, 1, 1), ("expert", "data", "model"), jax.devices()[:2])
   placed = jax.device_put(run["params"], NamedSharding(mesh, PartitionSpec()))
+  assert row_sharding_of(run["params"], 8) is None
+  rows = row_sharding_of(placed, 8)
+  assert rows.spec == PartitionSpec(("expert",)) and row_sharding_of(placed, 7) is None
   out = []
-  for p in (R._committed(run["params"]), placed):
+  for p, rs in ((R._committed(run["params"]), None), (placed, None), (placed, rows)):
     cache = ExpertCache(CFG, LORA, lambda k: experts[k], 8, sharding=R._replicated_like(p))
     out.append(pair_logprobs(p, cache, seqs, doc_m, key_m, cfg=CFG, lora_scale=LORA.scale, batch=8,
-                             length=64))
+                             length=64, row_sharding=rs))
   np.testing.assert_allclose(out[0], out[1], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out[0], out[2], rtol=1e-5, atol=1e-6)
   assert np.all(out[0][:, 39:] == 0) and np.all(out[0][:, :39] < 0)
   small = ExpertCache(CFG, LORA, lambda k: experts[k], 2)
   for _ in range(2):  # the second pass starts with experts 1 and 2 resident: 0 is reloaded

@@ -42,9 +42,30 @@ def rows_token_logprobs(params, slots_c, slot_b, tokens_bt, *, cfg: LlamaConfig,
   return token_logprobs(logits_btv[:, :-1], tokens_bt[:, 1:])
 
 
+def row_sharding_of(params, batch: int):
+  """A sharding of a batch's rows over the base's mesh (every axis but `model`), or None (a base on one
+  device, or a batch those axes do not divide)."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  leaf = jax.tree.leaves(params)[0]
+  s = getattr(leaf, "sharding", None)
+  if not isinstance(s, NamedSharding):
+    return None
+  axes = tuple(a for a in s.mesh.axis_names if a != "model" and s.mesh.shape[a] > 1)
+  n = int(np.prod([s.mesh.shape[a] for a in axes])) if axes else 1
+  if n == 1 or batch % n:
+    return None
+  return NamedSharding(s.mesh, PartitionSpec(axes))
+
+
+def _place(x: np.ndarray, sharding) -> jax.Array:
+  """A host array (the same on every process) as a global array with leading-axis `sharding`."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
 def pair_logprobs(params, cache, seqs: Sequence[Sequence[int]], doc_m: Sequence[int],
                   key_m: Sequence[int], *, cfg: LlamaConfig, lora_scale: float, batch: int,
-                  length: int, progress: bool | None = None) -> np.ndarray:
+                  length: int, row_sharding=None, progress: bool | None = None) -> np.ndarray:
   """Per-token log-likelihoods `[m, length-1]` (float32) of m (document, expert) pairs.
 
   Args:
@@ -54,6 +75,8 @@ def pair_logprobs(params, cache, seqs: Sequence[Sequence[int]], doc_m: Sequence[
     seqs: token ids of each document as the model sees it (BOS + tokens + EOS), at most `length` long.
     doc_m, key_m: the pairs: document index into `seqs` and expert id.
     batch: rows per forward; length: the padded row length (one compiled shape).
+    row_sharding: a sharding of the rows `[batch]` over the base's devices (`row_sharding_of`), so
+      each device scores its share of a batch; None: rows not split.
 
   Row i, column j holds log p(seqs[doc_m[i]][j+1] | ...[:j+1]); columns past a document's end are 0.
   Raises `MixieError` when an expert cannot be loaded.
@@ -77,6 +100,9 @@ def pair_logprobs(params, cache, seqs: Sequence[Sequence[int]], doc_m: Sequence[
 
   def read(p):
     idx, lp = p
+    if not lp.is_fully_addressable:  # rows on other hosts' devices
+      from jax.experimental import multihost_utils
+      lp = multihost_utils.process_allgather(lp, tiled=True)
     lp_mt[idx] = np.asarray(jax.device_get(lp))[:len(idx)]
     if bar is not None:
       bar.update(len(idx))
@@ -91,6 +117,8 @@ def pair_logprobs(params, cache, seqs: Sequence[Sequence[int]], doc_m: Sequence[
     slot_b, errors = cache.slots_for(keys)
     if errors:
       raise MixieError(next(iter(errors.values())))
+    if row_sharding is not None:
+      slot_b, tokens = _place(slot_b, row_sharding), _place(tokens, row_sharding)
     lp = rows_token_logprobs(params, cache.slots_c, slot_b, tokens, cfg=cfg, lora_scale=float(lora_scale))
     if pending is not None:
       read(pending)

@@ -42,7 +42,8 @@ import numpy as np
 
 from mixie import io as mio
 from mixie.errors import ConfigError, MixieError, check
-from mixie.evaluate.ppl import bucket, by_group, mixture_scores, pair_logprobs, perplexity
+from mixie.evaluate.ppl import (bucket, by_group, mixture_scores, pair_logprobs, perplexity,
+                                row_sharding_of)
 from mixie.route.router import RouteResult, RouterConfig, embed_queries
 
 ROUTED_MODES = ("centroid", "knn", "topk")
@@ -163,7 +164,8 @@ class _Experts:
   all-data LoRA. Every expert must share the rank, alpha and targets of `lora`."""
 
   def __init__(self, store, lora_all_store, lora_all_key: int, lora, fp: str):
-    self.store, self.lora_all, self.key_all, self.lora, self.fp = store, lora_all_store, lora_all_key, lora, fp
+    self.store, self.lora_all, self.key_all = store, lora_all_store, lora_all_key
+    self.lora, self.fp = lora, fp
 
   def __call__(self, key: int):
     st, topic = (self.lora_all, 0) if key == self.key_all else (self.store, key)
@@ -297,6 +299,7 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
     codes = np.unique(np.concatenate([(doc_ng(k.shape[1]) * (K + 2) + k + 1).ravel() for _, k, _ in specs]))
     lp[model] = pair_logprobs(mparams, cache, seqs, codes // (K + 2), codes % (K + 2) - 1, cfg=cfg,
                               lora_scale=lora.scale, batch=int(config.eval.batch), length=length,
+                              row_sharding=row_sharding_of(mparams, int(config.eval.batch)),
                               progress=progress)
     index[model] = codes
     n_pairs += codes.size
@@ -362,19 +365,22 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
 def format_table(results: dict[str, Any]) -> str:
   """The tables (one per P) as aligned text."""
   topics = [str(t) for t in results["topics"]]
+
+  def line(label, overall, per_topic, acc=""):
+    return f"{label:<10}{overall:>10}" + "".join(f"{v:>10}" for v in per_topic) + f"{acc:>7}"
+
   lines = ["held-out perplexity on the tokens after the first P (the router sees only those P; "
            "oracle = each document's own topic's expert; acc = routed to that expert)"]
   for p in results["prefix_tokens"]:
     tab = results["by_prefix"][str(p)]
-    head = f"{'P=' + str(p):<10}{'overall':>10}" + "".join(f"{'topic ' + t:>10}" for t in topics) + f"{'acc':>7}"
+    head = line(f"P={p}", "overall", [f"topic {t}" for t in topics], "acc")
     lines += ["", head, "-" * len(head),
-              f"{'docs':<10}{results['docs']:>10}" + "".join(f"{tab['docs_per_topic'][t]:>10}" for t in topics),
-              f"{'tokens':<10}{tab['tokens']:>10}" + "".join(f"{tab['tokens_per_topic'][t]:>10}" for t in topics)]
+              line("docs", results["docs"], [tab["docs_per_topic"][t] for t in topics]),
+              line("tokens", tab["tokens"], [tab["tokens_per_topic"][t] for t in topics])]
     for row in results["rows"]:
       acc = tab["routing_accuracy"][row]
-      lines.append(f"{row:<10}{tab['ppl'][row]:>10.3f}" +
-                   "".join(f"{tab['ppl_per_topic'][row][t]:>10.3f}" for t in topics) +
-                   (f"{acc:>7.3f}" if acc is not None else f"{'-':>7}"))
+      ppl = [f"{tab['ppl_per_topic'][row][t]:.3f}" for t in topics]
+      lines.append(line(row, f"{tab['ppl'][row]:.3f}", ppl, "-" if acc is None else f"{acc:.3f}"))
   return "\n".join(lines)
 
 
