@@ -6,14 +6,11 @@ Writes the run's experts (all, or `--topics`) as standard PEFT LoRA adapters plu
 
 from __future__ import annotations
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
+from mixie.cli import config_from_flags
 from mixie.errors import ConfigError, run_cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.py:tiny",
-                                          lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "work directory (overrides config.workdir)")
 _OUT = flags.DEFINE_string("out", None, "export directory (created)")
 _TOPICS = flags.DEFINE_string("topics", "", "comma-separated topic ids to export (default: every expert)")
 
@@ -31,16 +28,9 @@ def parse_topics(s: str) -> list[int] | None:
 @run_cli
 def main(argv) -> int:
   """The CLI entry point (see the module docstring)."""
-  if len(argv) > 1:
-    raise ConfigError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
-  if config is None:
-    raise ConfigError("--config is required (e.g. --config=configs/demo.py)")
+  config = config_from_flags(argv)
   if not _OUT.value:
     raise ConfigError("--out is required (the export directory)")
-  if _WORKDIR.value:
-    config.workdir = _WORKDIR.value
   from mixie.interop import export_run
 
   spec = export_run(config, _OUT.value, parse_topics(_TOPICS.value))

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
+from mixie.cli import config_from_flags
 from mixie.errors import ConfigError, MixieError, run_cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.py",
-                                          lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "work directory (overrides config.workdir)")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "a prompt (repeat for a batch)")
 _SEED = flags.DEFINE_integer("seed", None, "sampling seed (default: config.seed)")
 
@@ -50,14 +47,7 @@ def make_server(config, loaded=None):
 
 @run_cli
 def main(argv) -> int:
-  if len(argv) > 1:
-    raise ConfigError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
-  if config is None:
-    raise ConfigError("--config is required (e.g. --config=configs/demo.py)")
-  if _WORKDIR.value:
-    config.workdir = _WORKDIR.value
+  config = config_from_flags(argv)
   if not _PROMPT.value:
     raise ConfigError("give at least one --prompt")
   g = config.generate

@@ -8,14 +8,11 @@ run it with `python -m`, or call `mixie.interop.import_run`.)
 
 from __future__ import annotations
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
-from mixie.errors import ConfigError, run_cli
+from mixie.cli import config_from_flags
+from mixie.errors import run_cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.py:tiny",
-                                          lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "work directory (overrides config.workdir)")
 _ADAPTER = flags.DEFINE_multi_string("adapter", [], "a PEFT LoRA adapter directory (repeatable)")
 _DOCS = flags.DEFINE_multi_string("docs", [], "documents of the adapter at the same position "
                                   "(.jsonl / .txt / directory of .txt); optional for mixie exports")
@@ -24,14 +21,7 @@ _DOCS = flags.DEFINE_multi_string("docs", [], "documents of the adapter at the s
 @run_cli
 def main(argv) -> int:
   """The CLI entry point (see the module docstring)."""
-  if len(argv) > 1:
-    raise ConfigError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
-  if config is None:
-    raise ConfigError("--config is required (e.g. --config=configs/demo.py)")
-  if _WORKDIR.value:
-    config.workdir = _WORKDIR.value
+  config = config_from_flags(argv)
   from mixie.interop import import_run
 
   import_run(config, _ADAPTER.value, _DOCS.value)
