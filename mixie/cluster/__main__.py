@@ -13,6 +13,7 @@ from mixie.cluster.topics import run_cluster, summary_line
 from mixie.cli import config_from_flags
 from mixie.errors import run_cli
 
+
 @run_cli
 def main(argv) -> None:
   config = config_from_flags(argv)

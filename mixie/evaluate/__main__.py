@@ -12,6 +12,7 @@ from absl import app
 from mixie.cli import config_from_flags
 from mixie.errors import run_cli
 
+
 @run_cli
 def main(argv) -> int:
   config = config_from_flags(argv)
