@@ -67,7 +67,7 @@ def main():
   x = make_data(a.n, a.d, a.k, a.seed)
   out = {"n": a.n, "d": a.d, "k": a.k, "iters": a.iters, "n_init": 1, "metric": "l2",
          "threads": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
-         "devices": jax.device_count()}
+         "devices": jax.device_count(), "loadavg_start": os.getloadavg()[0]}
 
   kw = dict(metric="l2", n_init=1, max_iters=a.iters, tol=0.0, chunk=a.chunk, seed=a.seed,
             init=a.init)
@@ -98,6 +98,7 @@ def main():
     out["faiss"] = {"seconds": time.perf_counter() - t, "inertia": inertia64(x, fk.centroids),
                     "iters": a.iters, "init": "random points", "version": faiss.__version__}
 
+  out["loadavg_end"] = os.getloadavg()[0]  # other work on the machine skews every timing
   m = out["mixie"]
   for peer in ("sklearn", "faiss"):
     if peer in out:
