@@ -6,7 +6,7 @@ The core is a pure function over a plain pytree, as in `mixie.model.llama`:
 sentence-transformers model (Transformer -> Pooling(mean) -> Normalize) computes it.
 
 Parameters are read from the HF `model.safetensors` and stored per layer stacked on a leading `l` axis,
-projection weights `[in, out]`. `MiniLM` is the Flax NNX container; `MiniLMEncoder` adds the tokenizer
+projection weights `[in, out]`, the query/key/value projections fused into one `qkv` `[d, 3d]`. `MiniLM` is the Flax NNX container; `MiniLMEncoder` adds the tokenizer
 (truncation to `max_tokens` including [CLS] and [SEP]) and runs batched, jitted, sharded encoding.
 
 Shapes: b batch, t tokens, d width, n heads, h head dim, f MLP width, l layers.
@@ -95,6 +95,10 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: BertConfig) -> Params:
     else:  # torch Linear stores [out, in]
       layers[ours] = {"w": np.stack([get(p + ".weight").T for p in per]),
                       "b": np.stack([get(p + ".bias") for p in per])}
+  # q, k, v as one [d, 3d] projection: one matmul instead of three
+  qkv = [layers.pop(n) for n in ("q", "k", "v")]
+  layers["qkv"] = {"w": np.concatenate([p["w"] for p in qkv], -1),
+                   "b": np.concatenate([p["b"] for p in qkv], -1)}
   params = {
       "word": get("embeddings.word_embeddings.weight"),
       "pos": get("embeddings.position_embeddings.weight"),
@@ -157,9 +161,8 @@ def encode(params: Params, tokens_bt: jax.Array, mask_bt: jax.Array, cfg: BertCo
   n, h = cfg.n_heads, cfg.head_dim
 
   def body(x_btd, lp):
-    q = dense(x_btd, lp["q"]).reshape(b, t, n, h)
-    k = dense(x_btd, lp["k"]).reshape(b, t, n, h)
-    v = dense(x_btd, lp["v"]).reshape(b, t, n, h)
+    q, k, v = jnp.split(dense(x_btd, lp["qkv"]).reshape(b, t, 3, n, h), 3, axis=2)
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
     a = jax.nn.dot_product_attention(q, k, v, mask=attn_mask).reshape(b, t, n * h)
     x_btd = layer_norm(x_btd + dense(a, lp["o"]), lp["attn_ln"], cfg.ln_eps)
     f = jax.nn.gelu(dense(x_btd, lp["ff_in"]), approximate=False)
