@@ -156,3 +156,54 @@ def test_truncated_gguf(tmp_path, nothing_built, keep, needles):
   before = _tree(tmp_path)
   _raises(lambda: checkpoint.load_gguf(bad), bad, *needles)
   assert _tree(tmp_path) == before
+
+
+def _model_section(**kw):
+  from configs.common import base_config
+
+  c = base_config().model
+  c.update(kw)
+  return c
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(source="onnx"), "model.source"),
+    (dict(dtype="float8"), "model.dtype"),
+    (dict(param_dtype="int4"), "model.param_dtype"),
+    (dict(attention_impl="flash"), "model.attention_impl"),
+    (dict(source="random", preset="gpt5"), "model.preset"),
+    (dict(source="hf", path=""), "model.path"),
+])
+def test_load_base_config_errors(kw, needle):
+  from mixie.errors import ConfigError
+  from mixie.model.load import load_base
+
+  with pytest.raises(ConfigError, match=needle):
+    load_base(_model_section(**kw))
+
+
+def test_load_base_hf_without_tokenizer(good, nothing_built):
+  from mixie.model.load import load_base
+
+  _raises(lambda: load_base(_model_section(source="hf", path=str(good))), good / "tokenizer.json",
+          "not found")
+
+
+def test_load_base_hf(good, tmp_path):
+  """source="hf": weights, numerics from the config, and the directory's tokenizer.json."""
+  import tokenizers
+
+  from mixie.model.load import load_base
+
+  d = tmp_path / "ckpt"
+  d.mkdir()
+  for f in good.iterdir():
+    (d / f.name).write_bytes(f.read_bytes())
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<s>": 0, "</s>": 1, "a": 2}, unk_token="a"))
+  tok.save(str(d / "tokenizer.json"))
+  (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+  cfg, params, t = load_base(_model_section(source="hf", path=str(d), param_dtype="bfloat16",
+                                            attention_impl="xla"))
+  # EOS: tokenizer_config's "</s>" (1) and config.json's / generation_config.json's eos_token_id (2)
+  assert (cfg.param_dtype, cfg.attention_impl, t.bos_id, t.eos_ids) == ("bfloat16", "xla", 0, (1, 2))
+  assert params["layers"]["q"].dtype == jax.numpy.bfloat16

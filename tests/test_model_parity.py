@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 
 from mixie import assets
 from mixie.model import checkpoint, generate as gen
-from mixie.model.llama import forward, init_cache, param_axes
+from mixie.model.llama import forward, init_cache, param_axes, unstack_layers
 from mixie.model.lora import LoraConfig, expert_shapes
 from mixie.model.tokenizer import Tokenizer, pad_right
 from mixie.sharding import make_mesh, tree_shardings
@@ -53,20 +53,40 @@ def test_tiny_gqa_untied_logits_match_transformers(tmp_path):
   np.testing.assert_array_less(np.abs(ours - _hf_logits(model, TOKENS)).max(), 1e-4)
 
 
-def test_sharded_index_into_sharded_params(tmp_path):
-  """A multi-file checkpoint read straight into parameters split over a 2x4 (data, model) mesh."""
+def test_sharded_index_into_sharded_params(tmp_path, monkeypatch):
+  """A multi-file checkpoint read straight into parameters split over a 2x4 (data, model) mesh;
+  each device's block is read from the file alone (never the whole tensor)."""
   model = _save_tiny(tmp_path, seed=1, max_shard_size="40KB")
   index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
   assert len(set(index["weight_map"].values())) > 2
   mesh = make_mesh((2, 4), ("data", "model"))
   rules = (("heads", "model"), ("kv_heads", "model"), ("mlp", "model"), ("vocab", "data"))
+  reads = []
+  real_read = checkpoint._SafetensorsSource.read
+  monkeypatch.setattr(checkpoint._SafetensorsSource, "read",
+                      lambda self, name, idx: reads.append(name) or real_read(self, name, idx))
+  monkeypatch.setattr(checkpoint, "_read_block", _quarter_blocks(checkpoint._read_block))
   cfg, params = checkpoint.load_hf(
       tmp_path, shardings=lambda c: tree_shardings(param_axes(c), mesh, rules))
+  # q has 4 distinct column blocks on 8 devices: layer 0's tensor is read once per block, not per device
+  assert reads.count("model.layers.0.self_attn.q_proj.weight") == 4
   q = params["layers"]["q"]
   assert isinstance(q.sharding, NamedSharding) and q.sharding.spec[2] == "model"
   assert len({str(s.index) for s in q.addressable_shards}) == 4  # really split, not replicated
   ours = np.asarray(jax.jit(lambda p, t: forward(p, None, t, cfg)[0])(params, TOKENS))
   np.testing.assert_array_less(np.abs(ours - _hf_logits(model, TOKENS)).max(), 1e-4)
+
+
+def _quarter_blocks(read_block):
+  """Wraps `checkpoint._read_block`: every block of a model-sharded matrix is a quarter of its leaf."""
+
+  def wrapped(source, leaf, idx, dt):
+    block = read_block(source, leaf, idx, dt)
+    if leaf.names[0].endswith(("q_proj.weight", "gate_proj.weight")):
+      assert block.shape[-1] * 4 == (64 if "q_proj" in leaf.names[0] else 96), block.shape
+    return block
+
+  return wrapped
 
 
 def test_llama3_rope_scaling_matches_transformers(tmp_path):
@@ -161,10 +181,27 @@ def test_tiny_greedy_generation_matches_transformers(tiny):
   with torch.no_grad():
     ref = model.generate(torch.as_tensor(prompt), max_new_tokens=8, do_sample=False,
                          pad_token_id=0)[0, 10:].numpy()
-  for use_cache in (True, False):
-    out, n = gen.generate(params, None, prompt, np.array([10]), cfg, max_new=8, use_cache=use_cache)
+  for use_cache, unstack in ((True, True), (True, False), (False, False)):
+    out, n = gen.generate(params, None, prompt, np.array([10]), cfg, max_new=8, use_cache=use_cache,
+                          unstack=unstack)
     np.testing.assert_array_equal(np.asarray(out)[0], ref)
     assert int(n[0]) == 8
+
+
+def test_unstacked_layers_match_stacked(tiny):
+  """`unstack_layers` (a Python loop over per-layer weights) computes the same as the scan."""
+  _, cfg, params = tiny
+  lora = LoraConfig(rank=2, alpha=4.0)
+  rng = np.random.default_rng(1)
+  expert = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s)).astype(np.float32),
+                        expert_shapes(cfg, lora), is_leaf=lambda x: isinstance(x, tuple))
+  cache = dict(init_cache(cfg, 2, 12), length=jnp.array([3, 5], jnp.int32))
+  cache["k"] = jnp.asarray(rng.standard_normal(cache["k"].shape), jnp.float32)
+  run = jax.jit(lambda p, c: forward(p, expert, TOKENS[:, :4], cfg, lora_scale=2.0, cache=c))
+  (a, ca), (b, cb) = run(params, cache), run(unstack_layers(params), cache)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  for n in ("k", "v", "length"):
+    np.testing.assert_allclose(np.asarray(ca[n]), np.asarray(cb[n]), atol=1e-5)
 
 
 def test_stop_tokens_end_rows_and_pad(tiny):
@@ -236,7 +273,9 @@ def test_smollm2_greedy_20_tokens_match_transformers_with_cache(smollm2):
   """Two right-padded prompts of different lengths in one batch; each row against HF alone."""
   cfg, params, tok, _, prompts, greedy = smollm2
   tokens, lengths = pad_right(prompts, tok.pad_id)
-  out, n = gen.generate(params, None, tokens, lengths, cfg, max_new=20, use_cache=True)
+  # unstack=False: the scanned decode (the unstacked one, CPU's default, compiles 30 layers one by one,
+  # several times slower to compile; the tiny-model tests check that it computes the same).
+  out, n = gen.generate(params, None, tokens, lengths, cfg, max_new=20, use_cache=True, unstack=False)
   np.testing.assert_array_equal(np.asarray(out), np.stack(greedy))
   assert (np.asarray(n) == 20).all()
 

@@ -342,13 +342,14 @@ def _build(cfg: LlamaConfig, specs, source: _Source, shardings) -> Params:
   flat = {}
   for key, leaf in specs.items():
     shape = shapes[key]
-    memo: dict[tuple, np.ndarray] = {}  # replicated shards ask for the same block on every device
+    # Devices holding replicas ask for the same block: read each distinct block of this leaf once.
+    # At most one leaf's addressable blocks are held on the host at a time.
+    memo: dict[tuple, np.ndarray] = {}
 
     def cb(index, leaf=leaf, shape=shape, memo=memo):
       idx = tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
       sig = tuple((s.start, s.stop) for s in idx)
       if sig not in memo:
-        memo.clear()
         memo[sig] = _read_block(source, leaf, idx, dt)
       return memo[sig]
 

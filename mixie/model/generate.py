@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixie.errors import MixieError
-from mixie.model.llama import LlamaConfig, Params, forward, init_cache, unembed
+from mixie.model.llama import LlamaConfig, Params, forward, init_cache, unembed, unstack_layers
 
 
 def _last_hidden(h_btd, index_b):
@@ -78,9 +78,9 @@ def sample_logits(logits_bv: jax.Array, key: jax.Array | None, *, temperature: f
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new", "temperature", "top_k", "top_p",
-                                             "stop_tokens", "pad_id", "use_cache"))
+                                             "stop_tokens", "pad_id", "use_cache", "unstack"))
 def _generate(params, expert, prompt_bt, lengths_b, key, lora_scale, *, cfg, max_new, temperature,
-              top_k, top_p, stop_tokens, pad_id, use_cache):
+              top_k, top_p, stop_tokens, pad_id, use_cache, unstack):
   b, p = prompt_bt.shape
   lengths_b = lengths_b.astype(jnp.int32)
   stop = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
@@ -94,10 +94,11 @@ def _generate(params, expert, prompt_bt, lengths_b, key, lora_scale, *, cfg, max
   if use_cache:
     cache = init_cache(cfg, b, p + max_new)
     logits_bv, state = prefill(params, expert, prompt_bt, lengths_b, cache, cfg, lora_scale=lora_scale)
+    step_params = unstack_layers(params) if unstack else params  # copied once, before the loop
 
     def advance(state, tok_b, step):
       del step
-      return decode_step(params, expert, tok_b, state, cfg, lora_scale=lora_scale)
+      return decode_step(step_params, expert, tok_b, state, cfg, lora_scale=lora_scale)
   else:
     buf_bs = jnp.concatenate([prompt_bt.astype(jnp.int32), jnp.full((b, max_new), pad_id, jnp.int32)], 1)
 
@@ -138,7 +139,8 @@ def _generate(params, expert, prompt_bt, lengths_b, key, lora_scale, *, cfg, max
 def generate(params: Params, expert: Params | None, prompt_bt, lengths_b, cfg: LlamaConfig, *,
              max_new: int, key: jax.Array | None = None, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, stop_tokens: Sequence[int] = (), pad_id: int = 0,
-             lora_scale: float = 1.0, use_cache: bool = True) -> tuple[jax.Array, jax.Array]:
+             lora_scale: float = 1.0, use_cache: bool = True, unstack: bool | None = None
+             ) -> tuple[jax.Array, jax.Array]:
   """Generates up to `max_new` tokens after right-padded prompts.
 
   Args:
@@ -150,6 +152,8 @@ def generate(params: Params, expert: Params | None, prompt_bt, lengths_b, cfg: L
     stop_tokens: a row is finished after emitting one of these (it is kept in the output).
     pad_id: fills each row after it finished.
     use_cache: KV-cache decoding; False recomputes the whole prefix every step.
+    unstack: decode over unstacked layers (`mixie.model.llama.unstack_layers`): faster small-batch
+      decoding, for one more copy of the layer weights during the call. None: on CPU only.
 
   Returns:
     `(tokens_bn, lengths_b)`: the new tokens `[b, max_new]` (pad after the end) and how many each row
@@ -170,7 +174,8 @@ def generate(params: Params, expert: Params | None, prompt_bt, lengths_b, cfg: L
                    jnp.float32(lora_scale), cfg=cfg, max_new=int(max_new),
                    temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                    stop_tokens=tuple(int(s) for s in stop_tokens), pad_id=int(pad_id),
-                   use_cache=bool(use_cache))
+                   use_cache=bool(use_cache),
+                   unstack=(jax.default_backend() == "cpu") if unstack is None else bool(unstack))
 
 
 def generate_text(params: Params, expert: Params | None, tokenizer, prompts: Sequence[str],

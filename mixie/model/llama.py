@@ -140,6 +140,21 @@ def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
   return jax.tree.unflatten(treedef, leaves)
 
 
+def unstack_layers(params: Params) -> Params:
+  """The same parameters with `layers` as a tuple of per-layer dicts instead of stacked arrays.
+
+  `forward` accepts both. Scanning over stacked layers makes XLA copy each layer's weights out of the
+  stack before its matmuls; for small-batch decoding, which only streams the weights, that copy costs
+  as much as the matmuls on CPU. Unstacked weights are separate buffers, read in place. (The copy is
+  made once, e.g. before a decode loop, and needs memory for one more copy of the layers.)
+  """
+  layers = params["layers"]
+  if isinstance(layers, (list, tuple)):
+    return params
+  n = jax.tree.leaves(layers)[0].shape[0]
+  return dict(params, layers=tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)))
+
+
 def count_params(tree) -> int:
   """Number of scalars in a pytree of arrays or `ShapeDtypeStruct`s."""
   return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
@@ -251,7 +266,7 @@ def _layer(cfg, lora_scale, dropout_rate, inv_freq, x_btd, positions_bt, lp, ep,
     mask_bts = jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
     attn_btnh = jax.nn.dot_product_attention(q_btnh, k_bskh.astype(q_btnh.dtype),
                                              v_bskh.astype(q_btnh.dtype), mask=mask_bts[:, None])
-    new_cache_l = {"k": k_bskh, "v": v_bskh}
+    new_cache_l = {"k": k_btkh, "v": v_btkh}  # only the new entries: the caller writes them once
   x_btd = x_btd + proj("o", attn_btnh.reshape(b, t, N * H))
 
   h_btd = rms_norm(x_btd, lp["mlp_norm"], cfg.rms_eps)
@@ -268,7 +283,7 @@ def forward(params: Params, expert: Params | None, tokens_bt: jax.Array, cfg: Ll
   """Logits `[b, t, v]` (f32) of the base, or of the base plus one expert.
 
   Args:
-    params: base parameters (`param_shapes`).
+    params: base parameters (`param_shapes`); `layers` stacked, or unstacked by `unstack_layers`.
     expert: `None`, or one LoRA expert: `{proj: {"a": [l, d_in, r], "b": [l, r, d_out]}}`.
     tokens_bt: token ids.
     cfg: the architecture.
@@ -302,13 +317,24 @@ def forward(params: Params, expert: Params | None, tokens_bt: jax.Array, cfg: Ll
 
   if remat:
     body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-  x_btd, new_cache_layers = jax.lax.scan(body, x_btd,
-                                         (params["layers"], expert_layers, cache_layers, layer_keys))
+  if isinstance(params["layers"], (list, tuple)):  # unstacked (see `unstack_layers`): a Python loop
+    new_entries = []
+    for i, lp in enumerate(params["layers"]):
+      pick = lambda tree: None if tree is None else jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+      x_btd, kv = body(x_btd, (lp, pick(expert_layers), pick(cache_layers), pick(layer_keys)))
+      new_entries.append(kv)
+    new_kv = None if cache is None else jax.tree.map(lambda *xs: jnp.stack(xs), *new_entries)
+  else:
+    x_btd, new_kv = jax.lax.scan(body, x_btd, (params["layers"], expert_layers, cache_layers, layer_keys))
   h_btd = rms_norm(x_btd, params["final_norm"], cfg.rms_eps)
   logits_btv = unembed(params, h_btd, cfg)
   new_cache = None
   if cache is not None:
-    new_cache = {"k": new_cache_layers["k"], "v": new_cache_layers["v"], "length": start_b + t}
+    # One in-place write of all layers' new entries `[l, b, t, k, h]` at each row's start.
+    write = jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (0, s, 0, 0)),
+                     in_axes=(1, 1, 0), out_axes=1)
+    new_cache = {"k": write(cache["k"], new_kv["k"], start_b), "v": write(cache["v"], new_kv["v"], start_b),
+                 "length": start_b + t}
   if return_hidden:
     return logits_btv, new_cache, h_btd
   return logits_btv, new_cache

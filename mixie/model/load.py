@@ -54,16 +54,18 @@ def load_base(mc, *, mesh: jax.sharding.Mesh | None = None, rules=(), seed: int 
   if source == "hf":
     if not mc.path:
       raise ConfigError("model.path: source='hf' needs a checkpoint directory")
+    tok = Tokenizer.from_file(pathlib.Path(mc.path) / "tokenizer.json")  # fails before the weights
     cfg, params = checkpoint.load_hf(mc.path, shardings=shardings, **num)
-    return cfg, params, Tokenizer.from_file(pathlib.Path(mc.path) / "tokenizer.json")
+    return cfg, params, tok
   if source == "random":
     if mc.preset not in PRESETS:
       raise ConfigError(f"model.preset must be one of {sorted(PRESETS)} with source='random', "
                         f"got {mc.preset!r}")
     cfg = PRESETS[mc.preset].replace(**num)
     params = random_params(cfg, jax.random.key(seed), shardings(cfg))
-    tok = Tokenizer.from_gguf(assets.smollm2_gguf())
-    return cfg, params, (tok if tok.vocab_size == cfg.vocab_size else None)
+    shipped = PRESETS["smollm2_135m"].vocab_size
+    tok = Tokenizer.from_gguf(assets.smollm2_gguf()) if cfg.vocab_size == shipped else None
+    return cfg, params, tok
   raise ConfigError(f"model.source must be 'gguf', 'hf' or 'random', got {source!r}")
 
 
