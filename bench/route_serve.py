@@ -40,7 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from mixie.model.generate import decode_step, prefill, sample_logits  # noqa: E402
-from mixie.model.llama import LlamaConfig, PRESETS, init_cache, init_params  # noqa: E402
+from mixie.model.llama import LlamaConfig, PRESETS, init_cache, init_params, unstack_layers  # noqa: E402
 from mixie.model.lora import LoraConfig, expert_shapes  # noqa: E402
 from mixie.serve.batched import (gather_experts, layer_major, rows_decode_step,  # noqa: E402
                                  rows_prefill)
@@ -89,6 +89,7 @@ def mixie_serving(cfg, params, lora, *, rows, prompt_len, new_tokens, reps, seed
   tokens = jax.random.randint(jax.random.key(seed), (b, t), 0, cfg.vocab_size, jnp.int32)
   lengths = jnp.full((b,), t, jnp.int32)
   scale = lora.scale
+  unstack = jax.default_backend() == "cpu"
 
   def fns(kind):
     """Jitted prefill and k-step greedy decode; weights and experts are arguments, not constants."""
@@ -103,6 +104,9 @@ def mixie_serving(cfg, params, lora, *, rows, prompt_len, new_tokens, reps, seed
 
     @jax.jit
     def run_decode(params, e, logits, cache):
+      if unstack:  # as generate / generate_rows on CPU
+        params = unstack_layers(params)
+
       def body(_, carry):
         logits, cache = carry
         return dec(params, e, sample_logits(logits, None), cache, cfg, lora_scale=scale)
@@ -120,6 +124,10 @@ def mixie_serving(cfg, params, lora, *, rows, prompt_len, new_tokens, reps, seed
     _log(f"mixie {kind}: prefill {tp:.2f}s decode {td:.2f}s")
     out[kind] = {"prefill_tok_s": b * t / tp, "decode_tok_s": b * k / td,
                  "prefill_s": tp, "decode_s": td}
+  # Decode streams the weights every step: the base once, plus one expert (one) or b experts (mixed).
+  nbytes = lambda tree: int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))  # noqa: E731
+  w, e = nbytes(params), nbytes(one)
+  out["weight_bytes"] = {"base": w, "one_expert": e, "decode_bound_mixed_over_one": (w + e) / (w + b * e)}
   return out
 
 
@@ -192,10 +200,25 @@ def peft_serving(hf_model, lora, *, rows, prompt_len, new_tokens, reps, device="
   return res
 
 
-def serve_section(args):
-  torch_threads = os.cpu_count()
+def best_torch_threads(hf_model, rows, prompt_len) -> int:
+  """The faster of 1 and all-cores torch threads for a base prefill (on a shared, loaded machine
+  OpenMP spin-waiting can make all cores several times slower than one): the peer's best setting."""
   import torch
-  torch.set_num_threads(torch_threads)
+  ids = torch.randint(0, hf_model.config.vocab_size, (rows, prompt_len))
+  best = None
+  for n in sorted({1, os.cpu_count() or 1}):
+    torch.set_num_threads(n)
+    with torch.inference_mode():
+      t = _median_time(lambda: hf_model(input_ids=ids, logits_to_keep=1), 2)
+    _log(f"torch {n} thread(s): base prefill {t:.2f}s")
+    if best is None or t < best[1]:
+      best = (n, t)
+  torch.set_num_threads(best[0])
+  return best[0]
+
+
+def serve_section(args):
+  import torch
   lora = LoraConfig(rank=8, alpha=16.0)
   b, t, k = (4, 16, 4) if args.quick else (args.rows, args.prompt_len, args.new_tokens)
   if args.model == "gguf":
@@ -218,6 +241,7 @@ def serve_section(args):
     hf = transformers.LlamaForCausalLM(hf_config(cfg)).to(torch.float32)
     model_name = "random weights, SmolLM2-135M shape" + (" (2 layers, --quick)" if args.quick else "")
   mixie_res = mixie_serving(cfg, params, lora, rows=b, prompt_len=t, new_tokens=k, reps=args.reps)
+  torch_threads = best_torch_threads(hf, b, t)
   peft_res = peft_serving(hf, lora, rows=b, prompt_len=t, new_tokens=k, reps=args.reps)
   return {
       "model": model_name, "rows": b, "distinct_experts_mixed": b, "prompt_tokens": t,
@@ -227,7 +251,7 @@ def serve_section(args):
 
 
 def _ratios(m, p):
-  r = {}
+  r = {"decode_bound_mixed_over_one": m["weight_bytes"]["decode_bound_mixed_over_one"]}
   for phase in ("prefill", "decode"):
     key = f"{phase}_tok_s"
     r[f"{phase}_mixie_mixed_over_mixie_one"] = m["mixed"][key] / m["one"][key]

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from mixie.model.generate import decode_step, prefill, sample_logits
-from mixie.model.llama import LlamaConfig, forward, init_cache
+from mixie.model.llama import LlamaConfig, forward, init_cache, unstack_layers
 
 
 @jax.jit
@@ -148,15 +148,17 @@ def mixture_token_logprobs(params, experts_pg, weights_pg, tokens_pt, cfg: Llama
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lora_scale", "max_new_tokens", "temperature",
-                                             "top_p", "top_k"))
+                                             "top_p", "top_k", "unstack"))
 def generate_rows(params, experts_b, weights_pg, tokens_bt, lengths_b, stop_ids_s, key, *,
                   cfg: LlamaConfig, lora_scale: float, max_new_tokens: int, temperature: float = 0.0,
-                  top_p: float = 1.0, top_k: int = 0):
+                  top_p: float = 1.0, top_k: int = 0, unstack: bool = False):
   """Prefill + decode of b = p*g rows with their own experts, all on device.
 
   Rows are right-padded prompts (`lengths_b` real tokens each); each consecutive group of g rows is
   one prompt whose g experts' next-token distributions are mixed with `weights_pg` (g = 1: one expert
   per prompt). Decoding stops at `max_new_tokens` or when every prompt has produced a stop token.
+  `unstack`: decode over unstacked layers (`mixie.model.llama.unstack_layers`; faster on CPU), as
+  `mixie.model.generate.generate` does.
 
   Returns:
     `(tokens_pn, n_p)`: generated ids `[p, max_new_tokens]` (the stop token included; -1 after it) and
@@ -168,6 +170,7 @@ def generate_rows(params, experts_b, weights_pg, tokens_bt, lengths_b, stop_ids_
   experts_lb = layer_major(experts_b)  # once, outside the decode loop
   logits_bv, cache = rows_prefill(params, experts_lb, tokens_bt, lengths_b.astype(jnp.int32), cache,
                                   cfg, lora_scale=lora_scale, expert_axis=1)
+  step_params = unstack_layers(params) if unstack else params  # copied once, before the loop
 
   def pick(logits_bv, key):
     mixed_pv = mix_logprobs(logits_bv, weights_pg)
@@ -185,7 +188,7 @@ def generate_rows(params, experts_b, weights_pg, tokens_bt, lengths_b, stop_ids_
 
   def body(state):
     i, cache, tok_p, out_pn, done_p, key = state
-    logits_bv, cache = rows_decode_step(params, experts_lb, jnp.repeat(tok_p, g), cache, cfg,
+    logits_bv, cache = rows_decode_step(step_params, experts_lb, jnp.repeat(tok_p, g), cache, cfg,
                                         lora_scale=lora_scale, expert_axis=1)
     key, sub = jax.random.split(key)
     new_p = pick(logits_bv, sub)

@@ -224,6 +224,7 @@ class Server:
         self.params, experts_b, jnp.asarray(w), jnp.asarray(np.repeat(tokens, g, axis=0)),
         jnp.asarray(np.repeat(lengths, g)), jnp.asarray(stop_ids), key, cfg=self.cfg,
         lora_scale=self.lora.scale, max_new_tokens=int(max_new_tokens),
-        temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
+        temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+        unstack=jax.default_backend() == "cpu")
     out_pn, n_p = jax.device_get((out_pn, n_p))
     return np.asarray(out_pn)[:p], np.asarray(n_p)[:p]
