@@ -318,6 +318,9 @@ def test_server_input_errors(model, served):
   with pytest.raises(ConfigError, match="oracle"):
     Server(CFG, model[0], _Tok(), served[1], server.router.with_config(mode="oracle"), None,
            lora=LORA)
+  with pytest.raises(ConfigError, match="cache_experts=2"):
+    Server(CFG, model[0], _Tok(), served[1], server.router.with_config(mode="topk", topk=3), None,
+           cache_slots=2, lora=LORA)
 
 
 def test_server_topk_mode_mixes_the_routed_experts(model, served):

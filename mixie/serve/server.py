@@ -85,6 +85,9 @@ class Server:
     if router is not None:
       check(router.cfg.mode != "oracle", "route.mode=oracle is for evaluation only; serving needs "
             "centroid, knn or topk", ConfigError)
+      check(router.cfg.mode != "topk" or router.cfg.topk <= cache_slots,
+            f"route.topk={router.cfg.topk} experts per prompt need at least that many cache slots "
+            f"(generate.cache_experts={cache_slots})", ConfigError)
     self.cache = ExpertCache(base_cfg, self.lora, self._load_expert, cache_slots)
     self.length_bucket = int(length_bucket)
 
