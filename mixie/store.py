@@ -169,9 +169,10 @@ class ExpertStore:
     check(not problems, f"{d / WEIGHTS}: corrupt expert: " + "; ".join(problems))
     return tree, meta
 
-  def load_stack(self, topics: Sequence[int], expected_fingerprint: str | None
+  def load_stack(self, topics: Sequence[int], expected_fingerprint: str | None = None
                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The experts of `topics` stacked on a leading axis (numpy), and their metas."""
+    """The experts of `topics` stacked on a leading axis (numpy), and their metas (each checked
+    against `expected_fingerprint` as in `load`)."""
     check(len(topics) > 0, "expert store: load_stack needs at least one topic")
     trees, metas = zip(*(self.load(t, expected_fingerprint) for t in topics))
     shapes = {jax.tree.map(np.shape, t).__repr__() for t in trees}

@@ -43,7 +43,7 @@ def _args(hf, workdir, **over):
   kv = {"model.source": "hf", "model.path": str(hf), "cluster.embedder": "tfidf", "data.max_docs": 240,
         "cluster.k": 4, "train.slots": 2, "train.batch_per_slot": 2, "dataset.seq_len": 32,
         "train.tokens_per_expert": 640, "train.checkpoint_every": 1, "train.baselines": "()",
-        "eval.max_docs": 24, "mesh.shape": "(1,1,1)"}
+        "eval.max_docs": 24, "eval.prefix_tokens": "(8,16)", "mesh.shape": "(1,1,1)"}
   kv.update(over)
   return [sys.executable, "-m", "mixie.train", "--config=configs/demo.py:tiny", f"--workdir={workdir}"] + [
       f"--config.{k}={v}" for k, v in kv.items()]
@@ -78,7 +78,7 @@ def _start_and_signal(cmd, env, workdir, sig, after_step, timeout=300):
 
 def _store_bytes(workdir):
   s = ExpertStore(Path(workdir) / "experts")
-  return {t: ((s.entry_dir(t) / "weights.safetensors").read_bytes(), (s.entry_dir(t) / "meta.json").read_bytes())
+  return {t: tuple((s.entry_dir(t) / f).read_bytes() for f in ("weights.safetensors", "meta.json"))
           for t in s.topics()}
 
 
@@ -91,9 +91,9 @@ def test_main_job_sigterm_sigkill_resume_bit_for_bit(tiny_hf, tmp_path):
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stdout + r.stderr
   out = r.stdout + r.stderr
-  assert "held-out perplexity" in out and "experts_oracle" in out and "lora_all" in out
-  table = json.loads((a / "eval_train.json").read_text())
-  assert set(table["columns"]) == {"base", "lora_all", "experts_oracle"} and table["docs"] > 0
+  assert "held-out perplexity" in out and "oracle" in out and "lora_all" in out
+  table = json.loads((a / "eval" / "results.json").read_text())  # mixie.evaluate's table
+  assert table["rows"] == ["base", "lora_all", "centroid", "knn", "topk", "oracle"] and table["docs"] > 0
   lines = [json.loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
   assert {l["mode"] for l in lines} == {"experts", "lora_all"} and all("experts" in l for l in lines)
   ref = _store_bytes(a)

@@ -10,9 +10,10 @@ end with the held-out perplexity table.
    on all data, "full": continued pre-training of the whole base) are trained through the same
    `train_loop`, with the same total tokens; each run checkpoints into `workdir/checkpoints/<mode>` and
    resumes from there, so a finished run is skipped and an interrupted one continues.
-4. Held-out perplexity: the base, each baseline, and each expert on its own topic's held-out documents
-   (oracle topic), token-weighted overall and per topic; printed and written to
-   `workdir/eval_train.json`.
+4. Held-out perplexity (`mixie.evaluate.run.evaluate`, on the base already loaded): the base, each
+   baseline, the routed experts and each expert on its own topic's documents (oracle), token-weighted
+   overall and per topic, scored after a routing prefix of P tokens; printed and written to
+   `workdir/eval/`.
 
 Outputs: `workdir/experts/` (expert store), `workdir/lora_all/` (a one-entry store), `workdir/full/`
 (the continued-pre-training base as safetensors), `workdir/metrics.jsonl`.
@@ -33,7 +34,7 @@ from mixie import io as mio
 from mixie.errors import ConfigError, check
 from mixie.model.lora import LoraConfig
 from mixie.sharding import make_mesh, mesh_from_config
-from mixie.store import ExpertStore, load_tree, save_tree
+from mixie.store import ExpertStore, save_tree
 from mixie.train import optim
 from mixie.train.scheduler import BUDGETS, ExpertScheduler, token_budgets
 from mixie.train.step import MODES, TrainSpec, base_shardings
@@ -72,7 +73,8 @@ def validate_config(config, devices=None) -> None:
     raise ConfigError(f"train.baselines: unknown baseline(s) {bad}; choose from {list(BASELINES)}")
   for f, lo in (("train.slots", 1), ("train.batch_per_slot", 1), ("train.tokens_per_expert", 1),
                 ("train.checkpoint_every", 1), ("train.log_every", 1), ("train.max_steps", 0),
-                ("train.warmup_steps", 0), ("train.keep_checkpoints", 1), ("dataset.seq_len", 2)):
+                ("train.warmup_steps", 0), ("train.keep_checkpoints", 1), ("train.ce_chunk", 1),
+                ("dataset.seq_len", 2)):
     _int_field(config, f, lo)
   if t.budget not in BUDGETS:
     raise ConfigError(f"train.budget must be one of {BUDGETS}, got {t.budget!r}")
@@ -94,6 +96,9 @@ def validate_config(config, devices=None) -> None:
   if t.batch_per_slot % n_data:
     raise ConfigError(f"train.batch_per_slot={t.batch_per_slot} is not a multiple of the mesh's data "
                       f"axis ({n_data} devices)")
+  if t.eval_after:
+    from mixie.evaluate.run import validate_eval_config
+    validate_eval_config(config)
   if _inputs_missing(config.workdir):
     if not t.run_missing:
       raise ConfigError(f"{config.workdir}/topics or /dataset is missing and train.run_missing=False: "
@@ -182,7 +187,8 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
     topic_map = np.where(data.topic_map >= 0, 0, -1).astype(np.int32)
     budgets = {0: int(sum(data.budgets.values()))}
   spec = TrainSpec(cfg=cfg, lora=LoraConfig.from_config(config.lora), opt=optim.OptConfig.from_config(t),
-                   slots=E, mode=mode, remat=bool(config.model.remat), seed=int(config.seed))
+                   slots=E, mode=mode, remat=bool(config.model.remat), seed=int(config.seed),
+                   ce_chunk=int(t.ce_chunk))
   run_base = base if run_mesh is mesh else jax.device_put(base, base_shardings(spec, run_mesh, rules))
   bos = tokenizer.bos_id if tokenizer.add_bos else None
   loader = PackedLoader(data.source, [-1] * E, batch_per_slot=b, seq_len=T, eos_id=tokenizer.eos_ids[0],
@@ -203,7 +209,8 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
                    store=store, fingerprint=fp, tokens_per_step=b * T, checkpoint_every=t.checkpoint_every,
                    log_every=t.log_every, max_steps=t.max_steps, metrics=metrics, expert_meta=meta, stop=stop,
                    keep_checkpoints=t.keep_checkpoints)
-  if mode == "full" and res.status == "finished" and not (wd / "full" / "meta.json").exists():
+  if mode == "full" and res.status == "finished" and not (wd / "full" / "meta.json").exists() \
+      and jax.process_index() == 0:
     from mixie.model.checkpoint import fingerprint
     params = jax.tree.map(lambda x: x[0].astype(base_dtype(base)), jax.device_get(res.state["params"]))
     save_tree(wd / "full" / "params.safetensors", params)
@@ -215,87 +222,6 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
 
 def base_dtype(base):
   return jax.tree.leaves(base)[0].dtype
-
-
-# ---------------------------------------------------------------------------------------------------
-# Held-out perplexity.
-
-
-def heldout_docs(config, tokenizer, topic_map: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
-  """Held-out documents as the model sees them ([BOS] tokens EOS) and their trained topic (-1: none).
-
-  With `eval.max_docs` > 0, a fixed-seed subset of that many documents.
-  """
-  from mixie.cluster.topics import dataset_dir
-  from mixie.data.dataset import open_dataset
-
-  src = open_dataset(dataset_dir(config.workdir), "heldout")
-  idx = np.arange(len(src))
-  if int(config.eval.max_docs) and idx.size > int(config.eval.max_docs):
-    idx = np.sort(np.random.default_rng(int(config.seed)).permutation(idx)[:int(config.eval.max_docs)])
-  check(idx.size > 0, f"{dataset_dir(config.workdir)}: the held-out split is empty "
-                      "(raise data.heldout_fraction)")
-  bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
-  recs = src.__getitems__(idx.tolist()) if idx.size else []
-  docs = [bos + r["tokens"].tolist() + [tokenizer.eos_ids[0]] for r in recs]
-  return docs, topic_map[src.topics[idx]]
-
-
-def evaluate(config, cfg, base, fp: str, tokenizer, topic_map: np.ndarray, log=print) -> dict[str, Any]:
-  """Held-out perplexity of the base, the baselines and the experts (oracle topic); JSON-able table."""
-  from mixie.evaluate.ppl import by_group, perplexity, score_docs
-
-  wd = mio.path(config.workdir)
-  lora = LoraConfig.from_config(config.lora)
-  docs, topic_d = heldout_docs(config, tokenizer, topic_map)
-  kw = dict(batch=int(config.eval.batch), max_len=int(config.dataset.seq_len))
-  t0 = time.time()
-  cols: dict[str, tuple[np.ndarray, np.ndarray]] = {"base": score_docs(base, None, docs, cfg, **kw)}
-  lora_all = ExpertStore(wd / "lora_all")
-  if 0 in lora_all:
-    e, m = lora_all.load(0, fp)
-    cols["lora_all"] = score_docs(base, e, docs, cfg, lora_scale=m["alpha"] / m["rank"], **kw)
-  if (wd / "full" / "meta.json").exists():
-    full = load_tree(wd / "full" / "params.safetensors")
-    full = jax.device_put(full, jax.tree.map(lambda x: x.sharding, base))
-    cols["full"] = score_docs(full, None, docs, cfg, **kw)
-  store = ExpertStore(wd / "experts")
-  trained = store.topics()
-  if trained:
-    stack, metas = store.load_stack(trained, fp)
-    pos = {t: i for i, t in enumerate(trained)}
-    has = np.asarray([t in pos for t in topic_d])
-    ids = np.asarray([pos.get(int(t), 0) for t in topic_d], np.int32)
-    nll, n = score_docs(base, stack, docs, cfg, lora_scale=metas[0]["alpha"] / metas[0]["rank"],
-                        expert_ids=ids, **kw)
-    # documents of a topic without an expert (skipped small topics) are scored by the base
-    nll, n = np.where(has, nll, cols["base"][0]), np.where(has, n, cols["base"][1])
-    cols["experts_oracle"] = (nll, n)
-  n_tok = cols["base"][1]
-  table = {"columns": list(cols), "overall": {c: perplexity(*v) for c, v in cols.items()},
-           "per_topic": {}, "docs": len(docs), "tokens": int(n_tok.sum()),
-           "seconds": round(time.time() - t0, 1)}
-  groups = {c: by_group(v[0], v[1], topic_d) for c, v in cols.items()}
-  for t in sorted(set(int(x) for x in topic_d)):
-    sel = topic_d == t
-    table["per_topic"][str(t)] = {"docs": int(sel.sum()), "tokens": int(n_tok[sel].sum()),
-                                  **{c: groups[c][t] for c in cols}}
-  mio.atomic_write_json(wd / "eval_train.json", table)
-  return table
-
-
-def format_table(table: dict[str, Any]) -> str:
-  """The perplexity table as aligned text."""
-  cols = table["columns"]
-  head = f"{'topic':>8} {'docs':>5} {'tokens':>7} " + " ".join(f"{c:>14}" for c in cols)
-  lines = [f"held-out perplexity (lower is better; experts_oracle = each document's own topic expert)",
-           head, "-" * len(head)]
-  for t, row in table["per_topic"].items():
-    lines.append(f"{t:>8} {row['docs']:>5} {row['tokens']:>7} " + " ".join(f"{row[c]:>14.3f}" for c in cols))
-  lines.append("-" * len(head))
-  lines.append(f"{'overall':>8} {table['docs']:>5} {table['tokens']:>7} " +
-               " ".join(f"{table['overall'][c]:>14.3f}" for c in cols))
-  return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -348,10 +274,12 @@ def run(config, *, log=print, stop: Callable[[], bool] | None = None) -> dict[st
         return summary
   finally:
     metrics.close()
-  if config.train.eval_after:
-    table = evaluate(config, cfg, base, fp, tokenizer, data.topic_map, log=log)
-    log(format_table(table))
-    summary["eval"] = table
+  if config.train.eval_after:  # the prefix-routed held-out table of `mixie.evaluate` on this base
+    from mixie.evaluate.run import evaluate, format_table
+    results = evaluate(config, loaded=(cfg, base, tokenizer), fp=fp, log=log)
+    log(format_table(results))
+    summary["eval"] = {"ppl": {p: tab["ppl"] for p, tab in results["by_prefix"].items()},
+                       "docs": results["docs"], "rows": results["rows"]}
   summary["status"] = "finished"
   summary["seconds"] = round(time.time() - t_start, 1)
   mio.atomic_write_json(wd / "train_summary.json", summary)

@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from mixie import sharding as shd
-from mixie.model.llama import LlamaConfig, forward, param_axes, token_logprobs
+from mixie.model.llama import LlamaConfig, forward, param_axes, unembed
 from mixie.model.lora import LoraConfig, expert_axes, init_expert
 from mixie.train import optim
 
@@ -45,6 +45,7 @@ class TrainSpec:
   mode: str = "experts"
   remat: bool = False
   seed: int = 0
+  ce_chunk: int = 1024  # tokens per chunk of the LM head + loss (`chunked_nll`)
 
   @property
   def lora_mode(self) -> bool:
@@ -147,15 +148,42 @@ def create_state(spec: TrainSpec, mesh: Mesh, rules, base, topics_e, horizon_e,
 # The step.
 
 
+def chunked_nll(params, h_btd, targets_bt, mask_bt, cfg: LlamaConfig, chunk: int):
+  """Summed masked NLL of the targets from final hidden states, `chunk` tokens at a time.
+
+  Each chunk's logits `[chunk, v]` (f32) are made, reduced to `logsumexp - logit[target]` and
+  dropped; the backward pass recomputes them chunk by chunk (`jax.checkpoint`), so the `[b, T, v]`
+  logits of a step never exist at once (4 GiB for 16 x 2048 tokens of a 32k vocabulary).
+  """
+  b, t, d = h_btd.shape
+  n = b * t
+  c = max(1, min(chunk, n))
+  pad = (-n) % c
+  h = jnp.pad(h_btd.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, c, d)
+  tg = jnp.pad(targets_bt.reshape(n), (0, pad)).reshape(-1, c)
+  m = jnp.pad(mask_bt.reshape(n).astype(jnp.float32), (0, pad)).reshape(-1, c)
+
+  @jax.checkpoint
+  def one(total, xs):
+    h_cd, t_c, m_c = xs
+    logits_cv = unembed(params, h_cd, cfg)
+    nll_c = jax.nn.logsumexp(logits_cv, axis=-1) - jnp.take_along_axis(logits_cv, t_c[:, None], -1)[:, 0]
+    return total + (nll_c * m_c).sum(), None
+
+  total, _ = jax.lax.scan(one, jnp.zeros((), jnp.float32), (h, tg, m))
+  return total
+
+
 def slot_loss(spec: TrainSpec, trainable, base, tokens_bt, targets_bt, mask_bt, key):
   """Token-mean loss of ONE slot over its own tokens, and its token count."""
   params, expert = (base, trainable) if spec.lora_mode else (trainable, None)
   rate = spec.lora.dropout if spec.lora_mode else 0.0
-  logits_btv, _ = forward(params, expert, tokens_bt, spec.cfg, lora_scale=spec.lora.scale,
-                          dropout_rate=rate, dropout_key=key if rate > 0 else None, remat=spec.remat)
+  # the logits `forward` would make are unused (and dropped by the compiler): the loss unembeds in chunks
+  _, _, h_btd = forward(params, expert, tokens_bt, spec.cfg, lora_scale=spec.lora.scale, dropout_rate=rate,
+                        dropout_key=key if rate > 0 else None, remat=spec.remat, return_hidden=True)
   mask_bt = mask_bt.astype(jnp.float32)
   n = mask_bt.sum()
-  nll = -(token_logprobs(logits_btv, targets_bt) * mask_bt).sum()
+  nll = chunked_nll(params, h_btd, targets_bt, mask_bt, spec.cfg, spec.ce_chunk)
   return jnp.where(n > 0, nll / jnp.maximum(n, 1.0), 0.0), n
 
 
