@@ -12,6 +12,11 @@ The pieces are factored so that serving can vmap them over rows with per-row exp
 emitted a stop token or `max_new` tokens. `use_cache=False` recomputes the full forward over a fixed
 `[b, prompt + max_new]` buffer each step instead: slow, but an independent check of the cache path.
 Jitted single steps with a donated cache are `prefill_jit` and `decode_step_jit`.
+
+On CPU the decode loop runs over unstacked layers (`mixie.model.llama.unstack_layers`, `unstack=`):
+XLA:CPU copies each layer's weights out of a stacked array before its matmuls, which doubles the
+memory traffic of small-batch decoding. Unstacked, the weights are read in place (at the price of a
+longer compile and one more copy of the layers while the call runs).
 """
 
 from __future__ import annotations
