@@ -106,6 +106,10 @@ def test_bad_input(tmp_path, tiny_jsonl):
     T.run_cluster(_config(tmp_path / "f", tiny_jsonl, balanced_max_size=0.5), **quiet)
   with pytest.raises(ConfigError, match="min_cluster_size"):
     T.run_cluster(_config(tmp_path / "g", tiny_jsonl, method="hdbscan", min_cluster_size=1000), **quiet)
+  c = _config(tmp_path / "h", tiny_jsonl)
+  c.model.source, c.model.preset = "random", "tinyllama_1b"
+  with pytest.raises(ConfigError, match="no tokenizer"):
+    T.run_cluster(c, **quiet)
   assert not (tmp_path / "b" / "topics" / "embeddings.npz").exists()  # failed before any compute
   with pytest.raises(MixieError, match="no complete topics"):
     T.load_topics(tmp_path / "b")

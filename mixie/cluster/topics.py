@@ -131,6 +131,14 @@ def validate_config(config) -> None:
     raise ConfigError(f"cluster.tol must be >= 0, got {cc.tol!r}")
   if cc.balanced_max_size and not float(cc.balanced_max_size) >= 1.0:
     raise ConfigError(f"cluster.balanced_max_size must be 0 (off) or >= 1, got {cc.balanced_max_size!r}")
+  if config.model.source == "random":  # the dataset is tokenized with the shipped SmolLM2 tokenizer
+    from mixie.model.llama import PRESETS
+    preset = PRESETS.get(config.model.preset)
+    if preset is not None and preset.vocab_size != PRESETS["smollm2_135m"].vocab_size:
+      raise ConfigError(
+          f"model.preset={config.model.preset!r} with model.source='random' has no tokenizer (its "
+          f"vocabulary of {preset.vocab_size} differs from the shipped SmolLM2 tokenizer's "
+          f"{PRESETS['smollm2_135m'].vocab_size}), so no dataset can be built for it")
   max_docs = int(config.data.max_docs)
   if cc.method == "kmeans" and max_docs and cc.k > max_docs:
     raise ConfigError(f"cluster.k={cc.k} is larger than data.max_docs={max_docs}: "
