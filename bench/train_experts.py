@@ -246,7 +246,8 @@ def gpu_section(args, smoke=False):
   lora = LoraConfig(rank=16, alpha=32.0)
   base = jax.jit(init_params, static_argnums=0)(cfg, jax.random.PRNGKey(0))
   flops_tok, n_matmul = _flops_per_token(cfg, lora, T)
-  out = {"device": str(jax.devices()[0].device_kind), "model": "TinyLlama-1.1B shape (random), bf16",
+  label = "tiny smoke shapes (random), bf16" if smoke else "TinyLlama-1.1B shape (random), bf16"
+  out = {"device": str(jax.devices()[0].device_kind), "model": label,
          "seq_len": T, "rank": lora.rank, "base_matmul_params": n_matmul,
          "flops_per_token": flops_tok, "runs": []}
   for E in slots_list:
