@@ -10,6 +10,7 @@ from configs.common import base_config
 
 
 def get_config(arg: str = ""):
+  """The demo config; `arg` is "" (the measured demo) or "tiny" (tests, notebooks)."""
   c = base_config()
   c.workdir = os.environ.get("MIXIE_WORKDIR", "/tmp/mixie_demo")  # work directory of the demo run
   c.model.source = "gguf"  # the shipped SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to f32

@@ -7,6 +7,7 @@ from configs import tinyllama_moin5k
 
 
 def get_config(arg: str = ""):
+  """The MoIN-500 config; `arg` "runlocal" gives the CPU smoke run."""
   c = tinyllama_moin5k.get_config(arg)
   c.workdir = c.workdir.replace("moin5k", "moin500")  # its own work directory
   c.cluster.method = "hdbscan"  # UMAP to umap_dim, then HDBSCAN; the number of topics is what it finds

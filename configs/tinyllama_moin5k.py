@@ -7,6 +7,7 @@ from configs.common import base_config
 
 
 def get_config(arg: str = ""):
+  """The MoIN-5k config; `arg` "runlocal" gives the CPU smoke run."""
   c = base_config()
   c.workdir = "gs://YOUR_BUCKET/mixie/moin5k"  # work directory (GCS on TPU VMs)
   c.model.source = "hf"  # HF safetensors checkpoint directory

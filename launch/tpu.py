@@ -136,6 +136,7 @@ def plan(args) -> list[list[str]]:
 
 
 def parser() -> argparse.ArgumentParser:
+  """The argument parser of the launch CLI (subcommands and their flags)."""
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("cmd", choices=[*STEPS, "all"])
   p.add_argument("--name", required=True, help="TPU VM (node) name")
@@ -156,6 +157,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  """CLI entry: runs (or with --dry-run prints) the chosen subcommand's commands."""
   args = parser().parse_args(argv)
   for cmd in plan(args):
     print("+ " + shlex.join(cmd), flush=True)

@@ -47,6 +47,7 @@ def make_server(config, loaded=None):
 
 @run_cli
 def main(argv) -> int:
+  """CLI entry: routes each `--prompt` to its expert and prints the completions."""
   config = config_from_flags(argv)
   if not _PROMPT.value:
     raise ConfigError("give at least one --prompt")

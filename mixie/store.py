@@ -101,6 +101,7 @@ class ExpertStore:
     self.dir = _path(directory)
 
   def entry_dir(self, topic: int):
+    """Directory of the expert of `topic` (it may not exist yet)."""
     return self.dir / f"topic_{int(topic):06d}"
 
   def write(self, topic: int, expert_params: Mapping[str, Any], meta: Mapping[str, Any]) -> None:

@@ -16,6 +16,7 @@ from mixie.errors import run_cli
 
 @run_cli
 def main(argv) -> None:
+  """CLI entry: runs (or resumes) the cluster stage and prints its summary."""
   config = config_from_flags(argv)
   summary = run_cluster(config)
   print(summary_line(summary), flush=True)

@@ -72,9 +72,11 @@ class MiniLMEmbedder(Embedder):
     self.embed_tokens, self.dim = embed_tokens, self.encoder.dim
 
   def embed(self, texts, progress=None):
+    """Unit-norm MiniLM embeddings `[n, 384]` (f32) of `texts`."""
     return self.encoder(texts, progress=progress)
 
   def spec(self):
+    """What the embedding is (written next to the vectors, checked on reuse)."""
     return {**super().spec(), "model": "all-MiniLM-L6-v2", "pooling": "mean", "normalize": True}
 
 
@@ -110,18 +112,21 @@ class BaseEmbedder(Embedder):
 
   @property
   def fingerprint(self) -> str:
+    """The base model's fingerprint (cached): embeddings are only valid for that base."""
     if self._fingerprint is None:
       from mixie.model.checkpoint import fingerprint
       self._fingerprint = fingerprint(self.cfg, self.params)
     return self._fingerprint
 
   def embed(self, texts, progress=None):
+    """Unit-norm mean-pooled base hidden states `[n, d_model]` of the first `embed_tokens` tokens."""
     ids = [s[:self.embed_tokens] for s in self.tokenizer.encode_batch(list(texts))]
     return run_batched(lambda t, m: self._fn(self.params, t, m), ids, dim=self.dim,
                        max_len=self.embed_tokens, batch=self.batch, pad_id=self.tokenizer.pad_id,
                        mesh=self.mesh, desc="embed (base)", progress=progress)
 
   def spec(self):
+    """What the embedding is, including the base fingerprint."""
     return {**super().spec(), "base_fingerprint": self.fingerprint, "pooling": "mean",
             "normalize": True}
 
@@ -206,15 +211,18 @@ class TfidfEmbedder(Embedder):
     return sparse.diags(1.0 / np.maximum(norms, 1e-12)).astype(np.float32) @ x
 
   def embed(self, texts, progress=None):
+    """Unit-norm TF-IDF vectors projected on the fitted components, `[n, dim]`."""
     texts = list(texts)
     if not texts:
       return np.zeros((0, self.dim), np.float32)
     return _l2_rows(np.asarray(self._tfidf(texts) @ self.components_dv.T))
 
   def spec(self):
+    """What the embedding is, with the files that hold its fitted state."""
     return {**super().spec(), "vocab_size": len(self.vocab), "files": [TFIDF_NPZ, TFIDF_VOCAB]}
 
   def save(self, directory):
+    """Writes idf, components and vocabulary to `directory` (the spec last)."""
     d = mio.path(directory)
     mio.save_arrays(d / TFIDF_NPZ, {"idf_v": self.idf_v, "components_dv": self.components_dv})
     mio.atomic_write_json(d / TFIDF_VOCAB, self.vocab)

@@ -49,6 +49,7 @@ class BertConfig:
 
   @property
   def head_dim(self) -> int:
+    """Width of one attention head."""
     return self.d_model // self.n_heads
 
   @classmethod
@@ -253,6 +254,7 @@ class MiniLMEncoder:
 
   @property
   def dim(self) -> int:
+    """Embedding width (the model's hidden size)."""
     return self.cfg.d_model
 
   def tokenize(self, texts: Sequence[str]) -> list[list[int]]:

@@ -44,10 +44,12 @@ STEPS = ("embed", "cluster", "dataset")
 
 
 def topics_dir(workdir) -> Any:
+  """Where the cluster stage writes its topics under `workdir`."""
   return mio.path(workdir) / "topics"
 
 
 def dataset_dir(workdir) -> Any:
+  """Where the cluster stage writes the tokenized per-topic dataset under `workdir`."""
   return mio.path(workdir) / "dataset"
 
 
@@ -65,6 +67,7 @@ class Topics:
 
   @property
   def num_topics(self) -> int:
+    """Number of topics K (rows of the centroid matrix)."""
     return int(self.centroids_kd.shape[0])
 
 

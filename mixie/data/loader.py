@@ -75,10 +75,12 @@ class PackedLoader:
   # --- slots ---------------------------------------------------------------------------------------
   @property
   def num_slots(self) -> int:
+    """Number of expert slots E the loader fills."""
     return len(self._slots)
 
   @property
   def slot_topics(self) -> list[int]:
+    """The topic each slot currently reads (-1: none)."""
     return [s["topic"] for s in self._slots]
 
   def topic_docs(self, topic: int) -> np.ndarray:

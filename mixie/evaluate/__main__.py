@@ -15,6 +15,7 @@ from mixie.errors import run_cli
 
 @run_cli
 def main(argv) -> int:
+  """CLI entry: prefix-routed held-out perplexity of the work directory's experts."""
   config = config_from_flags(argv)
   from mixie.evaluate.run import evaluate, format_table, validate_eval_config
 

@@ -60,9 +60,11 @@ class LlamaConfig:
 
   @property
   def compute_dtype(self):
+    """`dtype` as a jnp dtype (activations and matmul inputs)."""
     return jnp.dtype(self.dtype)
 
   def replace(self, **kw) -> "LlamaConfig":
+    """A copy with the given fields changed."""
     return dataclasses.replace(self, **kw)
 
 

@@ -42,6 +42,7 @@ class LoraConfig:
 
   @property
   def scale(self) -> float:
+    """The LoRA output scale `alpha / rank`."""
     return self.alpha / self.rank
 
   @classmethod

@@ -213,6 +213,7 @@ class Tokenizer:
     return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
   def decode_batch(self, seqs: Sequence[Sequence[int]], skip_special: bool = True) -> list[str]:
+    """Text of each id sequence (special tokens dropped unless `skip_special=False`)."""
     return self.tok.decode_batch([[int(i) for i in s] for s in seqs], skip_special_tokens=skip_special)
 
 

@@ -65,10 +65,12 @@ class RouterConfig:
                temperature=float(r.temperature), search=search)
 
   def to_json(self) -> dict[str, Any]:
+    """The settings as a JSON-able dict (inverse of `from_json`)."""
     return dataclasses.asdict(self)
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> "RouterConfig":
+    """Settings from a dict written by `to_json`."""
     d = dict(d)
     d["search"] = SearchConfig(**d.get("search", {}))
     return cls(**d)
@@ -160,10 +162,12 @@ class Router:
 
   @property
   def dim(self) -> int:
+    """Embedding width of the centroids."""
     return self.centroids.shape[1]
 
   @property
   def n_topics(self) -> int:
+    """Number of topics (centroids) the router chooses among."""
     return self.centroids.shape[0]
 
   def with_config(self, **changes) -> "Router":

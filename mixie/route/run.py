@@ -17,6 +17,7 @@ from mixie.route.router import ROUTER_JSON, Router, RouterConfig
 
 
 def router_dir(workdir):
+  """Where the router is written under `workdir`."""
   return mio.path(workdir) / "router"
 
 

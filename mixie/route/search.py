@@ -123,6 +123,7 @@ class Index:
 
   @property
   def dim(self) -> int:
+    """Width of the indexed vectors."""
     return self.points.shape[1]
 
   def _build_scann(self):

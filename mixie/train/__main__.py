@@ -15,6 +15,7 @@ from mixie.errors import run_cli
 
 @run_cli
 def main(argv) -> int:
+  """CLI entry: runs every missing stage of the config (topics, experts, evaluation)."""
   config = config_from_flags(argv)
   from mixie.train.main import run
 

@@ -39,6 +39,7 @@ class TrainCheckpointer:
                                                  host=ocp.args.JsonSave(host)), force=True)
 
   def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
     self._mgr.wait_until_finished()
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
@@ -53,6 +54,7 @@ class TrainCheckpointer:
     return out["state"], out["host"]
 
   def close(self) -> None:
+    """Finishes pending saves and releases the manager."""
     self._mgr.wait_until_finished()
     self._mgr.close()
 

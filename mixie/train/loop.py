@@ -39,6 +39,7 @@ class NonFiniteLoss(MixieError):
 
 @dataclasses.dataclass
 class LoopResult:
+  """How a training loop ended, and what it did."""
   status: str  # "finished", "preempted" (stop requested; checkpoint saved) or "max_steps"
   step: int
   tokens: int

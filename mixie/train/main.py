@@ -221,6 +221,7 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
 
 
 def base_dtype(base):
+  """The dtype the base parameters are stored in."""
   return jax.tree.leaves(base)[0].dtype
 
 

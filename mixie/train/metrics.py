@@ -45,6 +45,7 @@ class MetricsWriter:
     atomic_write_text(self.path, "".join(l + "\n" for l in keep))
 
   def write(self, rec: Mapping[str, Any]) -> None:
+    """Appends one record to the JSONL file (and its scalars to TensorBoard); no-op off process 0."""
     if not self.enabled:
       return
     self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,5 +58,6 @@ class MetricsWriter:
           self._tb.add_scalar(f"{rec.get('mode', 'train')}/{k}", v, step)
 
   def close(self) -> None:
+    """Flushes and closes the TensorBoard writer, if any."""
     if self._tb is not None:
       self._tb.close()

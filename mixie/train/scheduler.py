@@ -51,10 +51,12 @@ class ExpertScheduler:
 
   # --- state -----------------------------------------------------------------------------------------
   def state(self) -> dict[str, Any]:
+    """JSON-able state, saved with each checkpoint."""
     return {"next": self.next, "slot_topic": list(self.slot_topic), "slot_tokens": list(self.slot_tokens),
             "done": list(self.done), "order": list(self.order)}
 
   def restore(self, s: Mapping[str, Any]) -> None:
+    """Restores a `state()`; refuses one from different topics or slots."""
     if list(s["order"]) != self.order or len(s["slot_topic"]) != self.n_slots:
       raise MixieError("scheduler state in the checkpoint does not match this run's topics/slots "
                        "(the dataset, budgets or train.slots changed since it was saved)")

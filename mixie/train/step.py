@@ -49,6 +49,7 @@ class TrainSpec:
 
   @property
   def lora_mode(self) -> bool:
+    """True when experts are LoRA parameters (not full fine-tuning of the base)."""
     return self.mode != "full"
 
 
@@ -94,7 +95,7 @@ def trainable_axes(spec: TrainSpec):
 
 
 def is_axes(x):
-  # plain tuples of names only: optax states are NamedTuples and must stay tree nodes
+  """A leaf of a logical-axes tree: a plain tuple of names (optax states are NamedTuples, tree nodes)."""
   return type(x) is tuple and all(isinstance(a, (str, type(None))) for a in x)
 
 
