@@ -12,13 +12,17 @@ Sections (`--sections`, default `serve,route`; `gpu` runs only where JAX and tor
 - route (CPU): routing latency and recall@1 for 5000 centroids, and kNN (k = 16) over 1M document
   vectors (d = 384): ScaNN brute force and ScaNN tree (AH + reordering) vs exact numpy.
   Synthetic data (no real embeddings of 1M documents ship): centroids are random; documents are drawn
-  around 5000 topic centres; queries are held-out draws from the same distribution.
+  around 5000 topic centres (cosine ~0.7 to their centre); queries are held-out draws from the same
+  distribution. Recall is against the exact numpy search; `vote_agreement`: the kNN-voted topic.
 - gpu: TinyLlama-1.1B shape (random bf16 weights), rank 16, 32 rows x 512 prompt tokens, 32 different
   experts vs one expert, and PEFT mixed / one adapter on the same GPU. This section imports only jax,
   torch, transformers, peft, numpy and mixie.model / mixie.serve.batched.
 
-Times are medians over `--reps` runs after a warm-up run (compilation excluded). Ratios > 1 favour
-the first named side.
+Every side is warmed up first (compilation excluded), then all sides are timed interleaved, rep by
+rep, so that load drifts on a shared machine hit them alike; times are medians over `--reps`.
+Ratios > 1 favour the first named side. On CPU the peer runs with the faster of 1 and all-cores torch
+threads (measured first). `decode_bound_mixie_mixed_over_mixie_one` is the ratio a weight-streaming
+(memory-bound) decode step allows: (base + 1 expert) / (base + rows x expert) bytes.
 
   python bench/route_serve.py [--sections serve,route] [--model gguf|random] [--quick]
 """
@@ -35,6 +39,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+# On a GPU, JAX and torch share the device: no preallocation of 75% of its memory by JAX.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -80,19 +87,23 @@ def random_experts(cfg: LlamaConfig, lora: LoraConfig, n: int, key) -> dict:
 # mixie: mixed batch (vmapped rows) vs one expert (plain path) vs the base
 
 
-def mixie_serving(cfg, params, lora, *, rows, prompt_len, new_tokens, reps, seed=0):
-  """Prefill and decode tokens/s of mixie's mixed batch, one-expert batch and the base."""
+def mixie_variants(cfg, params, lora, *, rows, prompt_len, new_tokens, seed=0):
+  """mixie's mixed batch (row i uses expert i), one-expert batch and base, as timed variants.
+
+  Returns `({name: (prefill, decode, decode_steps)}, weight_bytes)`; `prefill()` / `decode()` run once
+  and return seconds (greedy decode of `new_tokens` steps from a prefilled cache).
+  """
   b, t, k = rows, prompt_len, new_tokens
   experts = random_experts(cfg, lora, b, jax.random.key(seed + 1))
-  experts_b = gather_experts(experts, jnp.arange(b))  # row i uses expert i
+  experts_b = gather_experts(experts, jnp.arange(b))
   one = jax.tree.map(lambda x: x[0], experts)
   tokens = jax.random.randint(jax.random.key(seed), (b, t), 0, cfg.vocab_size, jnp.int32)
   lengths = jnp.full((b,), t, jnp.int32)
   scale = lora.scale
   unstack = jax.default_backend() == "cpu"
 
-  def fns(kind):
-    """Jitted prefill and k-step greedy decode; weights and experts are arguments, not constants."""
+  def variant(kind, e):
+    """Jitted prefill and k-step decode; weights and experts are arguments, not constants."""
     pre, dec = (prefill, decode_step)
     if kind == "mixed":  # as generate_rows: experts in layer-major layout, gathered once per batch
       pre = functools.partial(rows_prefill, expert_axis=1)
@@ -112,22 +123,43 @@ def mixie_serving(cfg, params, lora, *, rows, prompt_len, new_tokens, reps, seed
         return dec(params, e, sample_logits(logits, None), cache, cfg, lora_scale=scale)
       return jax.lax.fori_loop(0, k, body, (logits, cache))
 
-    return run_prefill, run_decode
+    state = run_prefill(params, e, tokens, lengths)
+    return (_timer(lambda: jax.block_until_ready(run_prefill(params, e, tokens, lengths))),
+            _timer(lambda: jax.block_until_ready(run_decode(params, e, *state))), k)
 
-  out = {}
-  for kind in ("mixed", "one", "base"):
-    e = {"mixed": layer_major(experts_b), "one": one, "base": None}[kind]
-    run_prefill, run_decode = fns(kind)
-    logits, cache = run_prefill(params, e, tokens, lengths)
-    tp = _median_time(lambda: jax.block_until_ready(run_prefill(params, e, tokens, lengths)), reps)
-    td = _median_time(lambda: jax.block_until_ready(run_decode(params, e, logits, cache)), reps)
-    _log(f"mixie {kind}: prefill {tp:.2f}s decode {td:.2f}s")
-    out[kind] = {"prefill_tok_s": b * t / tp, "decode_tok_s": b * k / td,
-                 "prefill_s": tp, "decode_s": td}
+  variants = {f"mixie_{kind}": variant(kind, e) for kind, e in
+              (("mixed", layer_major(experts_b)), ("one", one), ("base", None))}
   # Decode streams the weights every step: the base once, plus one expert (one) or b experts (mixed).
   nbytes = lambda tree: int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))  # noqa: E731
   w, e = nbytes(params), nbytes(one)
-  out["weight_bytes"] = {"base": w, "one_expert": e, "decode_bound_mixed_over_one": (w + e) / (w + b * e)}
+  return variants, {"base": w, "one_expert": e, "decode_bound_mixed_over_one": (w + e) / (w + b * e)}
+
+
+def _timer(fn):
+  def timed():
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+  return timed
+
+
+def measure(variants, *, rows, prompt_len, reps):
+  """Warms every variant up, then times them interleaved (rep by rep, so that load drifts on a
+  shared machine hit every side alike); medians, as tokens/s."""
+  for name, (pre, dec, _) in variants.items():
+    pre(), dec()
+    _log(f"{name}: warm")
+  times = {name: ([], []) for name in variants}
+  for _ in range(reps):
+    for name, (pre, dec, _) in variants.items():
+      times[name][0].append(pre())
+      times[name][1].append(dec())
+  out = {}
+  for name, (tp, td) in times.items():
+    tp, td, steps = float(np.median(tp)), float(np.median(td)), variants[name][2]
+    out[name] = {"prefill_tok_s": rows * prompt_len / tp, "decode_tok_s": rows * steps / td,
+                 "prefill_s": tp, "decode_s": td, "decode_steps": steps}
+    _log(f"{name}: prefill {tp:.2f}s decode {td:.2f}s ({steps} steps)")
   return out
 
 
@@ -145,9 +177,10 @@ def hf_config(cfg: LlamaConfig):
       max_position_embeddings=cfg.max_seq_len)
 
 
-def peft_serving(hf_model, lora, *, rows, prompt_len, new_tokens, reps, device="cpu", seed=0,
-                 decode_tokens_mixed=None):
-  """Prefill and decode tokens/s of PEFT with `rows` adapters mixed in one batch, and with one."""
+def peft_variants(hf_model, lora, *, rows, prompt_len, new_tokens, device="cpu", seed=0,
+                  decode_tokens_mixed=None):
+  """HF PEFT with `rows` adapters mixed in one batch (`adapter_names=`), and with one active adapter,
+  as timed variants (see `mixie_variants`)."""
   import peft
   import torch
 
@@ -170,12 +203,15 @@ def peft_serving(hf_model, lora, *, rows, prompt_len, new_tokens, reps, device="
   cache_kw = "cache" if "cache" in inspect.signature(type(hf_model).forward).parameters else "past_key_values"
 
   def run_prefill(kw):
+    model.set_adapter("e0")
+    t0 = time.perf_counter()
     with torch.inference_mode():
-      out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw)
+      model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw)
     sync()
-    return out
+    return time.perf_counter() - t0
 
   def run_decode(kw, steps):
+    model.set_adapter("e0")
     with torch.inference_mode():
       out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw)
       kv, tok = getattr(out, cache_kw), out.logits[:, -1].argmax(-1)
@@ -187,17 +223,12 @@ def peft_serving(hf_model, lora, *, rows, prompt_len, new_tokens, reps, device="
       sync()
       return time.perf_counter() - t0
 
-  res = {}
+  out = {}
   for kind, kw in (("mixed", {"adapter_names": names}), ("one", {})):
-    model.set_adapter("e0")
     steps = new_tokens if kind == "one" or decode_tokens_mixed is None else decode_tokens_mixed
-    tp = _median_time(lambda: run_prefill(kw), reps)
-    run_decode(kw, 2)  # warm-up
-    td = float(np.median([run_decode(kw, steps) for _ in range(reps)]))
-    res[kind] = {"prefill_tok_s": rows * prompt_len / tp, "decode_tok_s": rows * steps / td,
-                 "prefill_s": tp, "decode_s": td}
-    _log(f"peft {kind}: prefill {tp:.2f}s decode {td:.2f}s ({steps} steps)")
-  return res
+    out[f"peft_{kind}"] = (functools.partial(run_prefill, kw), functools.partial(run_decode, kw, steps),
+                           steps)
+  return out
 
 
 def best_torch_threads(hf_model, rows, prompt_len) -> int:
@@ -240,25 +271,25 @@ def serve_section(args):
     params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
     hf = transformers.LlamaForCausalLM(hf_config(cfg)).to(torch.float32)
     model_name = "random weights, SmolLM2-135M shape" + (" (2 layers, --quick)" if args.quick else "")
-  mixie_res = mixie_serving(cfg, params, lora, rows=b, prompt_len=t, new_tokens=k, reps=args.reps)
   torch_threads = best_torch_threads(hf, b, t)
-  peft_res = peft_serving(hf, lora, rows=b, prompt_len=t, new_tokens=k, reps=args.reps)
+  variants, weight_bytes = mixie_variants(cfg, params, lora, rows=b, prompt_len=t, new_tokens=k)
+  variants.update(peft_variants(hf, lora, rows=b, prompt_len=t, new_tokens=k))
+  res = measure(variants, rows=b, prompt_len=t, reps=args.reps)
   return {
       "model": model_name, "rows": b, "distinct_experts_mixed": b, "prompt_tokens": t,
       "new_tokens": k, "lora_rank": lora.rank, "targets": list(lora.targets), "dtype": "float32",
       "backend": jax.default_backend(), "cpu_count": os.cpu_count(), "torch_threads": torch_threads,
-      "mixie": mixie_res, "peft": peft_res, "ratios": _ratios(mixie_res, peft_res)}
+      "weight_bytes": weight_bytes, "results": res, "ratios": _ratios(res, weight_bytes)}
 
 
-def _ratios(m, p):
-  r = {"decode_bound_mixed_over_one": m["weight_bytes"]["decode_bound_mixed_over_one"]}
+def _ratios(r, weight_bytes):
+  out = {"decode_bound_mixie_mixed_over_mixie_one": weight_bytes["decode_bound_mixed_over_one"]}
   for phase in ("prefill", "decode"):
     key = f"{phase}_tok_s"
-    r[f"{phase}_mixie_mixed_over_mixie_one"] = m["mixed"][key] / m["one"][key]
-    r[f"{phase}_mixie_mixed_over_peft_mixed"] = m["mixed"][key] / p["mixed"][key]
-    r[f"{phase}_mixie_one_over_peft_one"] = m["one"][key] / p["one"][key]
-    r[f"{phase}_peft_mixed_over_peft_one"] = p["mixed"][key] / p["one"][key]
-  return r
+    for a, b in (("mixie_mixed", "mixie_one"), ("mixie_mixed", "peft_mixed"), ("mixie_one", "peft_one"),
+                 ("peft_mixed", "peft_one")):
+      out[f"{phase}_{a}_over_{b}"] = r[a][key] / r[b][key]
+  return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,9 +297,15 @@ def _ratios(m, p):
 
 
 def _clustered(n, d, centres, spread, rng):
+  """n points: a random centre's direction plus noise of norm ~`spread` (spread 1: cosine ~0.7 to
+  the centre, as sentence embeddings to their topic's centroid), in chunks (1M x 384 floats)."""
   lab = rng.integers(0, len(centres), n)
-  x = centres[lab] + spread * rng.normal(size=(n, d)).astype(np.float32) / np.sqrt(d)
-  return x.astype(np.float32), lab
+  unit = centres / np.linalg.norm(centres, axis=1, keepdims=True)
+  x = np.empty((n, d), np.float32)
+  for s in range(0, n, 100_000):
+    e = min(n, s + 100_000)
+    x[s:e] = unit[lab[s:e]] + spread * rng.standard_normal((e - s, d), np.float32) / np.sqrt(d)
+  return x, lab
 
 
 def route_section(args):
@@ -352,17 +389,19 @@ def gpu_section(args):
     b, t, k, k_peft_mixed = 4, 16, 4, 2
   lora = LoraConfig(rank=16, alpha=32.0, dtype="bfloat16")
   params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
-  mixie_res = mixie_serving(cfg, params, lora, rows=b, prompt_len=t, new_tokens=k, reps=args.reps)
-  del params
+  variants, weight_bytes = mixie_variants(cfg, params, lora, rows=b, prompt_len=t, new_tokens=k)
   device = "cpu" if dry else "cuda"
-  hf = transformers.LlamaForCausalLM(hf_config(cfg)).to(device=device, dtype=torch.bfloat16)
-  peft_res = peft_serving(hf, lora, rows=b, prompt_len=t, new_tokens=k, reps=args.reps, device=device,
-                          decode_tokens_mixed=k_peft_mixed)
+  with torch.device(device):  # initialised on the GPU (a 1.1B f32 init on the host is slow)
+    hf = transformers.LlamaForCausalLM(hf_config(cfg))
+  hf = hf.to(dtype=torch.bfloat16)
+  variants.update(peft_variants(hf, lora, rows=b, prompt_len=t, new_tokens=k, device=device,
+                                decode_tokens_mixed=k_peft_mixed))
+  res = measure(variants, rows=b, prompt_len=t, reps=args.reps)
   return {"model": "random weights, TinyLlama-1.1B shape" + (" (tiny, dry run)" if dry else ""),
           "device": str(jax.devices()[0].device_kind), "rows": b, "prompt_tokens": t,
           "new_tokens_mixie": k, "new_tokens_peft_mixed": k_peft_mixed, "lora_rank": lora.rank,
-          "dtype": "bfloat16", "mixie": mixie_res, "peft": peft_res,
-          "ratios": _ratios(mixie_res, peft_res)}
+          "dtype": "bfloat16", "weight_bytes": weight_bytes, "results": res,
+          "ratios": _ratios(res, weight_bytes)}
 
 
 def main():
