@@ -48,7 +48,6 @@ if _THREADS:
                              f"{'true' if _THREADS > 1 else 'false'} intra_op_parallelism_threads={_THREADS}")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

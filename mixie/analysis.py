@@ -549,8 +549,9 @@ def compute_routes(workdir, *, prefix: int, mode: str = "centroid", config=None)
   the one the dataset was tokenized with (recorded in `topics/done/dataset.json`).
   """
   from mixie.cluster.embed import SPEC_JSON, load_embedder
-  from mixie.cluster.topics import _tokenizer, load_topics, topics_dir
+  from mixie.cluster.topics import load_topics, topics_dir
   from mixie.evaluate.run import heldout_set, make_routers, prefix_routes
+  from mixie.model.load import load_tokenizer
   from mixie.route.run import expert_of_topic
   from mixie.store import ExpertStore
 
@@ -568,7 +569,7 @@ def compute_routes(workdir, *, prefix: int, mode: str = "centroid", config=None)
   eot_k = expert_of_topic(store, K)
   m = _marker_settings(workdir, "dataset")
   model = {k.split(".", 1)[1]: m.get(k, "") for k in ("model.source", "model.path", "model.preset")}
-  tok = _tokenizer(model["source"], model["path"], model["preset"])
+  tok = load_tokenizer(model["source"], model["path"], model["preset"])
   edir = topics_dir(workdir) / "embedder"
   base = None
   if mio.read_json(edir / SPEC_JSON).get("kind") == "base":

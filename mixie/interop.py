@@ -411,18 +411,18 @@ def adapter_scale(cfg: Mapping[str, Any], rank: int) -> float:
 
 def _read_tensors(p) -> dict[str, np.ndarray]:
   """All tensors of a safetensors file (float16/bfloat16/float32 alike), MixieError naming the file."""
-  from mixie.model.checkpoint import _SafetensorsFile  # reads bfloat16, which safetensors.numpy cannot
+  from mixie.model.checkpoint import SafetensorsFile  # reads bfloat16, which safetensors.numpy cannot
 
   p = mio.path(p)
   if not p.exists():
     raise MixieError(f"{p}: file not found")
   if "://" not in str(p):
-    f = _SafetensorsFile(pathlib.Path(str(p)))
+    f = SafetensorsFile(pathlib.Path(str(p)))
     return {name: np.array(f.array(name)) for name in f.entries}
   with tempfile.TemporaryDirectory() as tmp:  # a remote adapter (gs://): read from a local copy
     local = pathlib.Path(tmp) / p.name
     local.write_bytes(p.read_bytes())
-    f = _SafetensorsFile(local)
+    f = SafetensorsFile(local)
     return {name: np.array(f.array(name)) for name in f.entries}
 
 

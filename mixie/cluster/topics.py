@@ -24,7 +24,6 @@ overwritten: topics that experts were trained on must not change under them.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import json
 import time
@@ -257,32 +256,9 @@ def stage_mesh(config):
 
 def _base_tokenizer(model_cfg):
   """The base model's tokenizer alone (no weights loaded) for tokenizing the dataset."""
-  return _tokenizer(model_cfg.source, model_cfg.path, model_cfg.get("preset", ""))
+  from mixie.model.load import load_tokenizer
 
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(source: str, path: str, preset: str):
-  import pathlib
-
-  from mixie import assets
-  from mixie.model.llama import PRESETS
-  from mixie.model.tokenizer import Tokenizer
-
-  if source == "gguf":
-    return Tokenizer.from_gguf(pathlib.Path(path) if path else assets.smollm2_gguf())
-  if source == "hf":
-    if not path:
-      raise ConfigError("model.path: source='hf' needs a checkpoint directory")
-    return Tokenizer.from_file(pathlib.Path(path) / "tokenizer.json")
-  if source == "random":  # as mixie.model.load: the shipped tokenizer when vocabularies agree
-    if preset not in PRESETS:
-      raise ConfigError(f"model.preset must be one of {sorted(PRESETS)} with source='random', "
-                        f"got {preset!r}")
-    tok = Tokenizer.from_gguf(assets.smollm2_gguf())
-    if tok.vocab_size != PRESETS[preset].vocab_size:
-      raise MixieError(f"model.preset={preset!r} has no tokenizer to build the dataset with")
-    return tok
-  raise ConfigError(f"model.source must be 'gguf', 'hf' or 'random', got {source!r}")
+  return load_tokenizer(model_cfg.source, model_cfg.path, model_cfg.get("preset", ""))
 
 
 def _min_batch_tokens(config) -> int:

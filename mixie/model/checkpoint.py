@@ -22,7 +22,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +82,7 @@ _ST_DTYPES = {
 }
 
 
-class _SafetensorsFile:
+class SafetensorsFile:
   """One `.safetensors` file: the JSON header parsed up front, tensors as views of a memory map.
 
   (`safetensors.safe_open(framework="numpy")` cannot return bfloat16, the dtype most Llama checkpoints
@@ -147,14 +147,14 @@ class _SafetensorsSource(_Source):
           raise TypeError
       except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         raise MixieError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
-      files = {f: _SafetensorsFile(directory / f, index) for f in sorted(set(weight_map.values()))}
+      files = {f: SafetensorsFile(directory / f, index) for f in sorted(set(weight_map.values()))}
       self.owner = {}
       for name, f in weight_map.items():
         if name in files[f].entries:
           self.owner[name] = files[f]
       self.default_file = str(index)
     elif single.exists():
-      f = _SafetensorsFile(single)
+      f = SafetensorsFile(single)
       self.owner = {name: f for name in f.entries}
       self.default_file = str(single)
     else:

@@ -204,17 +204,20 @@ def project(x, w, lora_ab, lora_scale, dropout_key=None, dropout_rate=0.0):
 
   The dense `w + a @ b` is never formed. Matmuls run in x's dtype with f32 accumulation.
   """
-  y = jnp.einsum("...d,df->...f", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+  lead = x.shape[:-1]
+  x_nd = x.reshape(-1, x.shape[-1])  # 2-D operands: XLA:CPU's transposed-operand dots in the
+  # backward pass of a 3-D `[b, t, d]` LoRA product ran 10x slower than the same FLOPs in 2-D
+  y_nf = jnp.einsum("nd,df->nf", x_nd, w.astype(x.dtype), preferred_element_type=jnp.float32)
   if lora_ab is not None:
-    xa = x
+    xa_nd = x_nd
     if dropout_key is not None and dropout_rate > 0.0:
-      keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, x.shape)
-      xa = jnp.where(keep, x / (1.0 - dropout_rate), 0).astype(x.dtype)
+      keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, x.shape).reshape(x_nd.shape)
+      xa_nd = jnp.where(keep, x_nd / (1.0 - dropout_rate), 0).astype(x.dtype)
     a, b = lora_ab["a"], lora_ab["b"]
-    xr = jnp.einsum("...d,dr->...r", xa, a.astype(x.dtype), preferred_element_type=jnp.float32)
-    y = y + lora_scale * jnp.einsum("...r,rf->...f", xr.astype(x.dtype), b.astype(x.dtype),
-                                    preferred_element_type=jnp.float32)
-  return y.astype(x.dtype)
+    xr_nr = jnp.einsum("nd,dr->nr", xa_nd, a.astype(x.dtype), preferred_element_type=jnp.float32)
+    y_nf = y_nf + lora_scale * jnp.einsum("nr,rf->nf", xr_nr.astype(x.dtype), b.astype(x.dtype),
+                                          preferred_element_type=jnp.float32)
+  return y_nf.astype(x.dtype).reshape(*lead, w.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------------

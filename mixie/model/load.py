@@ -8,12 +8,13 @@ tokenizer is the shipped SmolLM2 one when the vocabulary sizes agree, else None)
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import jax
 
 from mixie import assets
-from mixie.errors import ConfigError
+from mixie.errors import ConfigError, MixieError
 from mixie.model import checkpoint
 from mixie.model.llama import PRESETS, LlamaConfig, Params, init_params, param_axes
 from mixie.model.tokenizer import Tokenizer
@@ -30,6 +31,30 @@ def _numerics(mc) -> dict:
   if impl not in (None, "xla", "cudnn"):
     raise ConfigError(f"model.attention_impl must be '', 'xla' or 'cudnn', got {impl!r}")
   return dict(dtype=mc.dtype, param_dtype=mc.param_dtype, attention_impl=impl)
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(source: str, path: str = "", preset: str = "") -> Tokenizer:
+  """The tokenizer of a base given as `model.source`, `model.path`, `model.preset`, without its weights.
+
+  A random-weight preset gets the shipped SmolLM2 tokenizer when the vocabulary sizes agree (as
+  `load_base`), and `MixieError` otherwise.
+  """
+  if source == "gguf":
+    return Tokenizer.from_gguf(pathlib.Path(path) if path else assets.smollm2_gguf())
+  if source == "hf":
+    if not path:
+      raise ConfigError("model.path: source='hf' needs a checkpoint directory")
+    return Tokenizer.from_file(pathlib.Path(path) / "tokenizer.json")
+  if source == "random":
+    if preset not in PRESETS:
+      raise ConfigError(f"model.preset must be one of {sorted(PRESETS)} with source='random', "
+                        f"got {preset!r}")
+    tok = Tokenizer.from_gguf(assets.smollm2_gguf())
+    if tok.vocab_size != PRESETS[preset].vocab_size:
+      raise MixieError(f"model.preset={preset!r} has no tokenizer (its vocabulary is not SmolLM2's)")
+    return tok
+  raise ConfigError(f"model.source must be 'gguf', 'hf' or 'random', got {source!r}")
 
 
 def load_base(mc, *, mesh: jax.sharding.Mesh | None = None, rules=(), seed: int = 0

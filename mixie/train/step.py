@@ -154,7 +154,9 @@ def chunked_nll(params, h_btd, targets_bt, mask_bt, cfg: LlamaConfig, chunk: int
 
   Each chunk's logits `[chunk, v]` (f32) are made, reduced to `logsumexp - logit[target]` and
   dropped; the backward pass recomputes them chunk by chunk (`jax.checkpoint`), so the `[b, T, v]`
-  logits of a step never exist at once (4 GiB for 16 x 2048 tokens of a 32k vocabulary).
+  logits of a step never exist at once (4 GiB for 16 x 2048 tokens of a 32k vocabulary). When all
+  tokens fit in one chunk, its logits are kept for the backward pass instead (they exist whole in the
+  forward pass anyway): no recomputation.
   """
   b, t, d = h_btd.shape
   n = b * t
@@ -164,14 +166,15 @@ def chunked_nll(params, h_btd, targets_bt, mask_bt, cfg: LlamaConfig, chunk: int
   tg = jnp.pad(targets_bt.reshape(n), (0, pad)).reshape(-1, c)
   m = jnp.pad(mask_bt.reshape(n).astype(jnp.float32), (0, pad)).reshape(-1, c)
 
-  @jax.checkpoint
   def one(total, xs):
     h_cd, t_c, m_c = xs
     logits_cv = unembed(params, h_cd, cfg)
     nll_c = jax.nn.logsumexp(logits_cv, axis=-1) - jnp.take_along_axis(logits_cv, t_c[:, None], -1)[:, 0]
     return total + (nll_c * m_c).sum(), None
 
-  total, _ = jax.lax.scan(one, jnp.zeros((), jnp.float32), (h, tg, m))
+  if h.shape[0] == 1:
+    return one(jnp.zeros((), jnp.float32), (h[0], tg[0], m[0]))[0]
+  total, _ = jax.lax.scan(jax.checkpoint(one), jnp.zeros((), jnp.float32), (h, tg, m))
   return total
 
 
