@@ -87,7 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.run_missing = True  # run the cluster stage when workdir/topics or workdir/dataset is missing
   c.train.keep_checkpoints = 2  # newest checkpoints kept per training run
   c.train.eval_after = True  # end with the held-out perplexity table (base, baselines, experts)
-  c.train.ce_chunk = 1024  # tokens per chunk of LM head + loss, recomputed in backward (no [b,T,V] logits)
+  c.train.ce_chunk = 1024  # tokens per chunk of LM head + loss, recomputed in backward (no [b,T,V] logits);
+  # a slot whose b x T tokens fit in one chunk keeps its logits instead
 
   # --- device mesh and sharding rules ---------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
