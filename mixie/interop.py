@@ -28,8 +28,9 @@ given documents under the run's embedder (renormalised for the cosine metric); a
 mixie may bring its own centroid instead. A mixie export of the same run imports bit-exactly. Every
 adapter of one import is read and checked before any is written.
 
-`run_router(config, store)` is the run's router (`mixie.route.run.build_router`) with rows appended for
-the store's experts beyond the clustered topics (the imported ones), so queries reach them.
+`run_router(config, store)` is the run's router (`mixie.route.run.build_router`, which appends rows for
+the store's experts beyond the clustered topics, the imported ones, so that queries reach them in
+`mixie.generate` and `mixie.evaluate` as well as in an export).
 """
 
 from __future__ import annotations
@@ -88,28 +89,6 @@ def run_lora(config, store: ExpertStore) -> LoraConfig:
 # The run's router, imported experts included.
 
 
-def extend_router(router: Router, store: ExpertStore) -> Router:
-  """`router` with one row per store expert whose topic id lies beyond its rows (imported experts),
-  routed to that expert by the centroid in its metadata. (`knn` mode votes with training documents,
-  which imported experts have none of: they are reached in `centroid` and `topk` modes.)"""
-  extra = [t for t in store.topics() if t >= router.n_topics]
-  rows, ids = [], []
-  for t in extra:
-    c = store.meta(t).get("centroid")
-    if c is None:
-      continue  # no centroid: reachable by the oracle only
-    c = np.asarray(c, np.float32)
-    check(c.shape == (router.dim,), f"{store.entry_dir(t)}: centroid has shape {c.shape}, the router's "
-                                    f"embedding space has dimension {router.dim}")
-    rows.append(c)
-    ids.append(t)
-  if not rows:
-    return router
-  return Router(np.concatenate([router.centroids, np.stack(rows)]), router.cfg,
-                expert_of_topic_k=np.concatenate([router.expert_of_topic, np.asarray(ids, np.int32)]),
-                doc_emb_nd=router.doc_emb, doc_topics_n=router.doc_topics)
-
-
 def store_router(store: ExpertStore, cfg: RouterConfig) -> Router:
   """A router over the store's own centroids (a run with no clustered topics, e.g. imports only)."""
   topics = [t for t in store.topics() if store.meta(t).get("centroid") is not None]
@@ -132,7 +111,7 @@ def run_router(config, store: ExpertStore | None = None, *, mode: str | None = N
   if not topics_complete(config.workdir):
     return store_router(store, RouterConfig.from_config(config))
   from mixie.route.run import build_router
-  return extend_router(build_router(config, store), store)
+  return build_router(config, store)  # imported experts included (`mixie.route.run.imported_experts`)
 
 
 def num_clustered_topics(workdir) -> int:

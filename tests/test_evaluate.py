@@ -217,6 +217,40 @@ def test_topk_with_one_expert_equals_centroid(run, tmp_path):
     assert res["by_prefix"][str(P)]["ppl"]["centroid"] == run["res"]["by_prefix"][str(P)]["ppl"]["centroid"]
 
 
+def test_imported_expert_is_routed_to_and_scored_with_its_own_weights(run, tmp_path):
+  """An expert beyond the clustered topics (as `mixie.import` writes) gets a router row and is scored
+  with its own weights (the all-data LoRA's key used to be K, the first imported expert's id)."""
+  from mixie.cluster.embed import load_embedder
+  from mixie.cluster.topics import load_topics, topics_dir
+
+  wd = tmp_path / "w"
+  shutil.copytree(run["wd"], wd, ignore=shutil.ignore_patterns("eval", "router"))
+  c = _config(wd)
+  tok, K, P = run["tok"], load_topics(wd).num_topics, min(c.eval.prefix_tokens)
+  held = _heldout(c)
+  # its centroid: the embedding of held-out document d's routing prefix, so that document d routes to it
+  emb = load_embedder(topics_dir(wd) / "embedder")
+  q_nd = R.embed_queries(emb, tok, P, token_ids=[t[:P].tolist() for t in held.tokens])
+  d = int(np.flatnonzero(np.linalg.norm(q_nd, axis=1) > 0.5)[0])  # (tf-idf: a prefix of stop words is 0)
+  q = q_nd[d]
+  expert = _random_tree(expert_shapes(CFG, LORA), np.random.default_rng(7), 0.3)
+  store = ExpertStore(wd / "experts")
+  store.write(K, expert, {"rank": LORA.rank, "alpha": LORA.alpha, "targets": list(LORA.targets),
+                          "base_fingerprint": fingerprint(CFG, run["params"]), "centroid": q.tolist()})
+  router = R.make_routers(c, store, ("centroid",))["centroid"]
+  assert router.n_topics == K + 1 and router.expert_of_topic[-1] == K
+  res = R.evaluate(c, loaded=(CFG, run["params"], tok), log=lambda *_: None)
+  pd = mio.load_arrays(wd / "eval" / "per_doc.npz")
+  assert pd[f"p{P}.centroid.experts"][d, 0] == K
+  seq = (held.tokens[d].tolist() + [tok.eos_ids[0]])[:64]
+  toks = np.zeros(64, np.int32)
+  toks[:len(seq)] = seq
+  lp = np.asarray(_ref_logprobs(run["params"], jax.tree.map(jnp.asarray, expert), toks), np.float64)
+  np.testing.assert_allclose(pd[f"p{P}.centroid.nll"][d], -lp[P - 1:len(seq) - 1].sum(), rtol=2e-5)
+  for row in ("base", "lora_all", "full"):  # untouched by the import
+    assert res["by_prefix"][str(P)]["ppl"][row] == run["res"]["by_prefix"][str(P)]["ppl"][row]
+
+
 def test_mixture_scores_equal_the_serving_engines_mixture(run):
   """Host-side mixing of per-token probabilities == `mixture_token_logprobs` (full distributions mixed
   on device by the serving engine), for two experts and scoring after P."""

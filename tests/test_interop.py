@@ -21,6 +21,7 @@ from mixie.model.checkpoint import fingerprint, load_hf
 from mixie.model.llama import forward
 from mixie.model.lora import LoraConfig, expert_shapes
 from mixie.peft_io import write_adapter
+from mixie.route.run import load_router
 from mixie.route.search import l2_normalize
 from mixie.store import ExpertStore
 
@@ -212,6 +213,7 @@ def test_foreign_rslora_adapter_is_conformed_and_routed(run, tmp_path):
   model.save_pretrained(tmp_path / "foreign")
   want = _logits_torch(model)
   config, store = _copy_run(run, tmp_path)
+  before = load_router(config, store)  # saved in the work directory, as `mixie.generate` does
   docs = _docs(3, 10, 5)
   (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
   meta, = interop.import_run(config, [str(tmp_path / "foreign")], [str(tmp_path / "docs.jsonl")],
@@ -232,6 +234,10 @@ def test_foreign_rslora_adapter_is_conformed_and_routed(run, tmp_path):
   assert router.n_topics == 5
   q = run["embedder"].embed(_docs(3, 8, 9) + _docs(1, 8, 9))
   assert router.route(q).expert_ids[:, 0].tolist() == [4] * 8 + [1] * 8
+  # so does the router `mixie.generate` loads: the one saved before the import is rebuilt
+  assert before.n_topics == 4
+  after = load_router(config, store)
+  assert after.n_topics == 5 and after.route(q).expert_ids[:, 0].tolist() == [4] * 8 + [1] * 8
 
 
 def _valid_adapter(run, d, **cfg_changes):

@@ -243,6 +243,7 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
   topics = load_topics(wd)
   K = topics.num_topics
   eot_k = expert_of_topic(store, K)
+  all_key = max([K] + [t + 1 for t in store.topics()])  # lora_all's key: above every expert id (imports)
   lora = lora_from_store(store)
   if loaded is None:
     from mixie.model.load import load_base
@@ -268,13 +269,13 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
                            batch=int(config.cluster.embed_batch))
   routes = {p: prefix_routes(routers, embedder, tokenizer, held.tokens, p, oracle_n) for p in ps}
 
-  # every row as (model, expert keys [n, g], weights [n, g]); key -1: the base, K: lora_all
+  # every row as (model, expert keys [n, g], weights [n, g]); key -1: the base, all_key: lora_all
   lora_all_store = ExpertStore(wd / "lora_all")
   full = load_full(wd, params, fp)
   ones = np.ones((n, 1), np.float32)
   fixed = {"base": ("base", np.full((n, 1), -1, np.int64), ones)}
   if 0 in lora_all_store:
-    fixed["lora_all"] = ("base", np.full((n, 1), K, np.int64), ones)
+    fixed["lora_all"] = ("base", np.full((n, 1), all_key, np.int64), ones)
   if full is not None:
     fixed["full"] = ("full", np.full((n, 1), -1, np.int64), ones)
   rows = list(fixed) + list(modes) + ["oracle"]
@@ -286,7 +287,7 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
     return "base", r.expert_ids.astype(np.int64), r.weights
 
   # distinct (document, expert) pairs per model, scored once
-  cache = ExpertCache(cfg, lora, _Experts(store, lora_all_store, K, lora, fp), int(config.eval.batch),
+  cache = ExpertCache(cfg, lora, _Experts(store, lora_all_store, all_key, lora, fp), int(config.eval.batch),
                       sharding=_replicated_like(params))
   doc_ng = lambda g: np.repeat(np.arange(n)[:, None], g, axis=1)
   lp, index = {}, {}
@@ -296,9 +297,10 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
     if mparams is None:
       continue
     specs = [s for s in (row_spec(r, p) for r in rows for p in ps) if s[0] == model]
-    codes = np.unique(np.concatenate([(doc_ng(k.shape[1]) * (K + 2) + k + 1).ravel() for _, k, _ in specs]))
-    lp[model] = pair_logprobs(mparams, cache, seqs, codes // (K + 2), codes % (K + 2) - 1, cfg=cfg,
-                              lora_scale=lora.scale, batch=int(config.eval.batch), length=length,
+    codes = np.unique(np.concatenate([(doc_ng(k.shape[1]) * (all_key + 2) + k + 1).ravel()
+                                      for _, k, _ in specs]))
+    lp[model] = pair_logprobs(mparams, cache, seqs, codes // (all_key + 2), codes % (all_key + 2) - 1,
+                              cfg=cfg, lora_scale=lora.scale, batch=int(config.eval.batch), length=length,
                               row_sharding=row_sharding_of(mparams, int(config.eval.batch)),
                               progress=progress)
     index[model] = codes
@@ -316,7 +318,7 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
                            "routing_accuracy_per_topic": {}}
     for row in rows:
       model, key_ng, w_ng = row_spec(row, p)
-      codes = doc_ng(key_ng.shape[1]) * (K + 2) + key_ng + 1
+      codes = doc_ng(key_ng.shape[1]) * (all_key + 2) + key_ng + 1
       pair_ng = np.searchsorted(index[model], codes)
       nll, cnt = mixture_scores(lp[model], len_n, pair_ng, w_ng, start_n)
       tab["ppl"][row] = perplexity(nll, cnt)

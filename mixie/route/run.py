@@ -4,7 +4,10 @@
     workdir/router/router.json   the routing settings it was built with
 
 Topic t is served by the expert stored for t, or by the expert it was merged into (a small topic's
-`merged_topics` in that expert's metadata); a topic with neither is served by the base (-1).
+`merged_topics` in that expert's metadata); a topic with neither is served by the base (-1). Store
+experts beyond the clustered topics (brought in by `python -m mixie.import`) get one router row each,
+their metadata's centroid, after the clustered topics' rows (`knn` votes with training documents, which
+they have none of: they are reached in `centroid` and `topk` modes).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from mixie import io as mio
-from mixie.errors import MixieError
+from mixie.errors import MixieError, check
 from mixie.route.router import ROUTER_JSON, Router, RouterConfig
 
 
@@ -33,6 +36,28 @@ def expert_of_topic(store, n_topics: int) -> np.ndarray:
   return out
 
 
+def imported_experts(store, n_topics: int, dim: int) -> tuple[list[int], np.ndarray]:
+  """Store experts beyond the `n_topics` clustered topics that carry a routing centroid (imported):
+  their topic ids and centroids `[m, dim]`."""
+  ids, rows = [], []
+  for t in store.topics():
+    c = store.meta(t).get("centroid") if t >= n_topics else None
+    if c is None:
+      continue  # a clustered topic, or no centroid: reachable by the oracle only
+    c = np.asarray(c, np.float32)
+    check(c.shape == (dim,), f"{store.entry_dir(t)}: centroid has shape {c.shape}, the router's "
+                             f"embedding space has dimension {dim}")
+    ids.append(t)
+    rows.append(c)
+  return ids, np.asarray(rows, np.float32).reshape(len(rows), dim)
+
+
+def routed_experts(store, n_topics: int, dim: int) -> np.ndarray:
+  """Expert id of every router row: the clustered topics' (`expert_of_topic`), then the imported ones."""
+  return np.concatenate([expert_of_topic(store, n_topics),
+                         np.asarray(imported_experts(store, n_topics, dim)[0], np.int32)])
+
+
 def build_router(config, store=None) -> Router:
   """A router from the run's topics (and, for knn, its training document embeddings)."""
   from mixie.cluster.topics import load_embeddings, load_topics
@@ -42,8 +67,12 @@ def build_router(config, store=None) -> Router:
   if topics.metric != cfg.search.metric:
     raise MixieError(f"cluster.metric={cfg.search.metric!r} but the topics of {config.workdir} were "
                      f"clustered with {topics.metric!r}; route with the clustering metric")
-  k = topics.num_topics
-  eot = expert_of_topic(store, k) if store is not None else np.arange(k, dtype=np.int32)
+  k, dim = topics.centroids_kd.shape
+  centroids = topics.centroids_kd
+  eot = np.arange(k, dtype=np.int32)
+  if store is not None:
+    eot = routed_experts(store, k, dim)
+    centroids = np.concatenate([centroids, imported_experts(store, k, dim)[1]])
   doc_emb = doc_topics = None
   if cfg.mode == "knn":
     emb = load_embeddings(config.workdir)
@@ -51,8 +80,7 @@ def build_router(config, store=None) -> Router:
     train = ~topics.heldout_n
     rows = np.asarray([pos[d] for d in topics.doc_ids[train].tolist()], np.int64)
     doc_emb, doc_topics = emb["emb_nd"][rows], topics.topic_n[train]
-  return Router(topics.centroids_kd, cfg, doc_emb_nd=doc_emb, doc_topics_n=doc_topics,
-                expert_of_topic_k=eot)
+  return Router(centroids, cfg, doc_emb_nd=doc_emb, doc_topics_n=doc_topics, expert_of_topic_k=eot)
 
 
 def load_router(config, store=None) -> Router:
@@ -66,8 +94,12 @@ def load_router(config, store=None) -> Router:
       saved = None  # unreadable: rebuilt below
     if saved == want:
       router = Router.load(d)
-      if store is None or np.array_equal(router.expert_of_topic,
-                                         expert_of_topic(store, router.n_topics)):
+      if store is None:
+        return router
+      from mixie.cluster.topics import load_topics
+
+      k = load_topics(config.workdir).num_topics
+      if np.array_equal(router.expert_of_topic, routed_experts(store, k, router.dim)):
         return router
   router = build_router(config, store)
   router.save(d)
