@@ -52,10 +52,11 @@ def imported_experts(store, n_topics: int, dim: int) -> tuple[list[int], np.ndar
   return ids, np.asarray(rows, np.float32).reshape(len(rows), dim)
 
 
-def routed_experts(store, n_topics: int, dim: int) -> np.ndarray:
-  """Expert id of every router row: the clustered topics' (`expert_of_topic`), then the imported ones."""
-  return np.concatenate([expert_of_topic(store, n_topics),
-                         np.asarray(imported_experts(store, n_topics, dim)[0], np.int32)])
+def routed_experts(store, n_topics: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+  """Expert id of every router row `[n_topics + m]` (the clustered topics' by `expert_of_topic`, then
+  the imported ones) and the imported experts' centroids `[m, dim]`; each expert's metadata read once."""
+  ids, centroids_md = imported_experts(store, n_topics, dim)
+  return np.concatenate([expert_of_topic(store, n_topics), np.asarray(ids, np.int32)]), centroids_md
 
 
 def build_router(config, store=None) -> Router:
@@ -71,8 +72,8 @@ def build_router(config, store=None) -> Router:
   centroids = topics.centroids_kd
   eot = np.arange(k, dtype=np.int32)
   if store is not None:
-    eot = routed_experts(store, k, dim)
-    centroids = np.concatenate([centroids, imported_experts(store, k, dim)[1]])
+    eot, imported_md = routed_experts(store, k, dim)
+    centroids = np.concatenate([centroids, imported_md])
   doc_emb = doc_topics = None
   if cfg.mode == "knn":
     emb = load_embeddings(config.workdir)
@@ -99,7 +100,7 @@ def load_router(config, store=None) -> Router:
       from mixie.cluster.topics import load_topics
 
       k = load_topics(config.workdir).num_topics
-      if np.array_equal(router.expert_of_topic, routed_experts(store, k, router.dim)):
+      if np.array_equal(router.expert_of_topic, routed_experts(store, k, router.dim)[0]):
         return router
   router = build_router(config, store)
   router.save(d)
