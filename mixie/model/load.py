@@ -33,6 +33,23 @@ def _numerics(mc) -> dict:
   return dict(dtype=mc.dtype, param_dtype=mc.param_dtype, attention_impl=impl)
 
 
+def _preset(name: str) -> LlamaConfig:
+  if name not in PRESETS:
+    raise ConfigError(f"model.preset must be one of {sorted(PRESETS)} with source='random', got {name!r}")
+  return PRESETS[name]
+
+
+def _shipped_tokenizer_for(cfg: LlamaConfig) -> Tokenizer | None:
+  """The shipped SmolLM2 tokenizer when `cfg`'s vocabulary is its own (random presets), else None."""
+  if cfg.vocab_size != PRESETS["smollm2_135m"].vocab_size:
+    return None
+  return Tokenizer.from_gguf(assets.smollm2_gguf())
+
+
+def _unknown_source(source) -> ConfigError:
+  return ConfigError(f"model.source must be 'gguf', 'hf' or 'random', got {source!r}")
+
+
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(source: str, path: str = "", preset: str = "") -> Tokenizer:
   """The tokenizer of a base given as `model.source`, `model.path`, `model.preset`, without its weights.
@@ -47,14 +64,11 @@ def load_tokenizer(source: str, path: str = "", preset: str = "") -> Tokenizer:
       raise ConfigError("model.path: source='hf' needs a checkpoint directory")
     return Tokenizer.from_file(pathlib.Path(path) / "tokenizer.json")
   if source == "random":
-    if preset not in PRESETS:
-      raise ConfigError(f"model.preset must be one of {sorted(PRESETS)} with source='random', "
-                        f"got {preset!r}")
-    tok = Tokenizer.from_gguf(assets.smollm2_gguf())
-    if tok.vocab_size != PRESETS[preset].vocab_size:
+    tok = _shipped_tokenizer_for(_preset(preset))
+    if tok is None:
       raise MixieError(f"model.preset={preset!r} has no tokenizer (its vocabulary is not SmolLM2's)")
     return tok
-  raise ConfigError(f"model.source must be 'gguf', 'hf' or 'random', got {source!r}")
+  raise _unknown_source(source)
 
 
 def load_base(mc, *, mesh: jax.sharding.Mesh | None = None, rules=(), seed: int = 0
@@ -71,27 +85,20 @@ def load_base(mc, *, mesh: jax.sharding.Mesh | None = None, rules=(), seed: int 
     return None if mesh is None else tree_shardings(param_axes(cfg), mesh, rules)
 
   source = mc.source
-  if source == "gguf":
+  if source == "gguf":  # weights and tokenizer from one read of the file's metadata
     path = pathlib.Path(mc.path) if mc.path else assets.smollm2_gguf()
     reader = checkpoint.open_gguf(path)
     cfg, params = checkpoint.load_gguf(path, reader=reader, shardings=shardings, **num)
     return cfg, params, Tokenizer.from_gguf(path, reader=reader)
   if source == "hf":
-    if not mc.path:
-      raise ConfigError("model.path: source='hf' needs a checkpoint directory")
-    tok = Tokenizer.from_file(pathlib.Path(mc.path) / "tokenizer.json")  # fails before the weights
+    tok = load_tokenizer("hf", mc.path)  # checks model.path; fails before the weights are read
     cfg, params = checkpoint.load_hf(mc.path, shardings=shardings, **num)
     return cfg, params, tok
   if source == "random":
-    if mc.preset not in PRESETS:
-      raise ConfigError(f"model.preset must be one of {sorted(PRESETS)} with source='random', "
-                        f"got {mc.preset!r}")
-    cfg = PRESETS[mc.preset].replace(**num)
+    cfg = _preset(mc.preset).replace(**num)
     params = random_params(cfg, jax.random.key(seed), shardings(cfg))
-    shipped = PRESETS["smollm2_135m"].vocab_size
-    tok = Tokenizer.from_gguf(assets.smollm2_gguf()) if cfg.vocab_size == shipped else None
-    return cfg, params, tok
-  raise ConfigError(f"model.source must be 'gguf', 'hf' or 'random', got {source!r}")
+    return cfg, params, _shipped_tokenizer_for(cfg)
+  raise _unknown_source(source)
 
 
 def random_params(cfg: LlamaConfig, key: jax.Array, shardings=None) -> Params:
