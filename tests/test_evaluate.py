@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.common import base_config
 from mixie import io as mio
 from mixie.errors import ConfigError, MixieError
 from mixie.evaluate import run as R
@@ -22,6 +21,7 @@ from mixie.model.checkpoint import fingerprint
 from mixie.model.llama import LlamaConfig, forward, param_shapes
 from mixie.model.lora import LoraConfig, expert_shapes
 from mixie.store import ExpertStore, save_tree
+from run_utils import random_tree, tfidf_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = LlamaConfig(vocab_size=49152, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -30,18 +30,8 @@ LORA = LoraConfig(rank=4, alpha=8.0)
 WITH_EXPERT = (0, 1)  # topic 2 has no expert: its documents are scored by the base
 
 
-def _random_tree(shapes, rng, scale, ones=()):
-  return {k: _random_tree(v, rng, scale, ones) if isinstance(v, dict) else
-          (np.ones(v, np.float32) if k in ones else (scale * rng.normal(size=v)).astype(np.float32))
-          for k, v in shapes.items()}
-
-
 def _config(workdir):
-  c = base_config()
-  c.workdir = str(workdir)
-  c.data.max_docs, c.data.heldout_fraction = 300, 0.1
-  c.cluster.embedder, c.cluster.tfidf_dim, c.cluster.k, c.cluster.embed_tokens = "tfidf", 32, 3, 24
-  c.dataset.seq_len = 64
+  c = tfidf_run_config(workdir)
   c.lora.rank, c.lora.alpha = LORA.rank, LORA.alpha
   c.route.knn_k, c.route.topk, c.route.temperature = 4, 2, 0.5
   c.eval.prefix_tokens, c.eval.max_docs, c.eval.batch = (8, 16), 14, 8
@@ -60,15 +50,15 @@ def run(tmp_path_factory):
   config = _config(wd)
   run_cluster(config, log=lambda *_: None)
   rng = np.random.default_rng(0)
-  params = jax.tree.map(jnp.asarray, _random_tree(param_shapes(CFG), rng, 0.05,
+  params = jax.tree.map(jnp.asarray, random_tree(param_shapes(CFG), rng, 0.05,
                                                   ones=("attn_norm", "mlp_norm", "final_norm")))
   tok = Tokenizer.from_gguf(assets.smollm2_gguf())
   fp = fingerprint(CFG, params)
   meta = {"rank": LORA.rank, "alpha": LORA.alpha, "targets": list(LORA.targets), "base_fingerprint": fp}
-  experts = {t: _random_tree(expert_shapes(CFG, LORA), rng, 0.3) for t in WITH_EXPERT}
+  experts = {t: random_tree(expert_shapes(CFG, LORA), rng, 0.3) for t in WITH_EXPERT}
   for t, e in experts.items():
     ExpertStore(wd / "experts").write(t, e, meta)
-  lora_all = _random_tree(expert_shapes(CFG, LORA), rng, 0.3)
+  lora_all = random_tree(expert_shapes(CFG, LORA), rng, 0.3)
   ExpertStore(wd / "lora_all").write(0, lora_all, {**meta, "kind": "lora_all"})
   full = jax.tree.map(lambda x: np.asarray(x) * (1 + 0.1 * rng.normal(size=x.shape)).astype(np.float32),
                       params)
@@ -233,7 +223,7 @@ def test_imported_expert_is_routed_to_and_scored_with_its_own_weights(run, tmp_p
   q_nd = R.embed_queries(emb, tok, P, token_ids=[t[:P].tolist() for t in held.tokens])
   d = int(np.flatnonzero(np.linalg.norm(q_nd, axis=1) > 0.5)[0])  # (tf-idf: a prefix of stop words is 0)
   q = q_nd[d]
-  expert = _random_tree(expert_shapes(CFG, LORA), np.random.default_rng(7), 0.3)
+  expert = random_tree(expert_shapes(CFG, LORA), np.random.default_rng(7), 0.3)
   store = ExpertStore(wd / "experts")
   store.write(K, expert, {"rank": LORA.rank, "alpha": LORA.alpha, "targets": list(LORA.targets),
                           "base_fingerprint": fingerprint(CFG, run["params"]), "centroid": q.tolist()})

@@ -18,6 +18,7 @@ from mixie.serve.batched import (gather_experts, generate_rows, mixture_token_lo
 from mixie.serve.cache import ExpertCache
 from mixie.serve.server import Server
 from mixie.store import ExpertStore
+from run_utils import random_tree
 
 CFG = LlamaConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                   max_seq_len=128)
@@ -27,20 +28,13 @@ T, MAX_NEW = 16, 8  # one prompt width and one decode length: few compiles
 NO_STOP = jnp.asarray([-2], jnp.int32)  # matches no token
 
 
-def _random_tree(shapes, rng, scale, ones=()):
-  """Arrays of `shapes` drawn on the host (no compile); leaves named in `ones` are 1."""
-  return {k: _random_tree(v, rng, scale, ones) if isinstance(v, dict) else
-          (np.ones(v, np.float32) if k in ones else (scale * rng.normal(size=v)).astype(np.float32))
-          for k, v in shapes.items()}
-
-
 def _model():
   """A random base and N_EXPERTS random experts with non-zero b (fresh ones would equal the base)."""
   rng = np.random.default_rng(0)
-  params = _random_tree(param_shapes(CFG), rng, 0.02, ones=("attn_norm", "mlp_norm", "final_norm"))
+  params = random_tree(param_shapes(CFG), rng, 0.02, ones=("attn_norm", "mlp_norm", "final_norm"))
   shapes = jax.tree.map(lambda s: (N_EXPERTS,) + s, expert_shapes(CFG, LORA),
                         is_leaf=lambda x: isinstance(x, tuple))
-  experts = _random_tree(shapes, rng, 0.2)
+  experts = random_tree(shapes, rng, 0.2)
   return jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, experts)
 
 

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.common import base_config
 from mixie import assets
 from mixie.model.checkpoint import fingerprint
 from mixie.model.generate import generate
@@ -21,6 +20,7 @@ from mixie.model.lora import LoraConfig, expert_shapes
 from mixie.route.router import ROUTER_JSON, prefix_token_ids
 from mixie.route.run import build_router, expert_of_topic, load_router, router_dir
 from mixie.store import ExpertStore
+from run_utils import random_tree, tfidf_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = LlamaConfig(vocab_size=49152, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -28,18 +28,8 @@ CFG = LlamaConfig(vocab_size=49152, d_model=32, n_layers=2, n_heads=4, n_kv_head
 LORA = LoraConfig(rank=4, alpha=8.0)
 
 
-def _random_tree(shapes, rng, scale, ones=()):
-  return {k: _random_tree(v, rng, scale, ones) if isinstance(v, dict) else
-          (np.ones(v, np.float32) if k in ones else (scale * rng.normal(size=v)).astype(np.float32))
-          for k, v in shapes.items()}
-
-
 def _config(workdir):
-  c = base_config()
-  c.workdir = str(workdir)
-  c.data.max_docs, c.data.heldout_fraction = 300, 0.1
-  c.cluster.embedder, c.cluster.tfidf_dim, c.cluster.k, c.cluster.embed_tokens = "tfidf", 32, 3, 24
-  c.dataset.seq_len = 64
+  c = tfidf_run_config(workdir)
   c.route.route_tokens = 12
   c.generate.cache_experts = 1  # fewer slots than experts: the batch is split
   c.generate.max_new_tokens = 6
@@ -56,12 +46,12 @@ def run(tmp_path_factory):
   config = _config(wd)
   run_cluster(config, log=lambda *_: None)
   rng = np.random.default_rng(0)
-  params = jax.tree.map(jnp.asarray, _random_tree(param_shapes(CFG), rng, 0.05,
+  params = jax.tree.map(jnp.asarray, random_tree(param_shapes(CFG), rng, 0.05,
                                                   ones=("attn_norm", "mlp_norm", "final_norm")))
   tok = Tokenizer.from_gguf(assets.smollm2_gguf())
   meta = {"rank": LORA.rank, "alpha": LORA.alpha, "targets": list(LORA.targets),
           "base_fingerprint": fingerprint(CFG, params)}
-  experts = {t: _random_tree(expert_shapes(CFG, LORA), rng, 0.3) for t in (0, 2)}
+  experts = {t: random_tree(expert_shapes(CFG, LORA), rng, 0.3) for t in (0, 2)}
   store = ExpertStore(wd / "experts")
   store.write(0, experts[0], {**meta, "merged_topics": [1]})
   store.write(2, experts[2], meta)
