@@ -555,18 +555,18 @@ def compute_routes(workdir, *, prefix: int, mode: str = "centroid", config=None)
   from mixie.route.run import expert_of_topic
   from mixie.store import ExpertStore
 
+  topics = load_topics(workdir)
   if config is None:
     from configs.common import base_config
     config = base_config()
-    config.cluster.metric = load_topics(workdir).metric
+    config.cluster.metric = topics.metric
   else:
     import copy
     config = copy.deepcopy(config)
   config.workdir = str(workdir)
   store = ExpertStore(mio.path(workdir) / "experts")
   check(bool(store.topics()), f"{store.dir}: no trained experts to route to")
-  K = load_topics(workdir).num_topics
-  eot_k = expert_of_topic(store, K)
+  eot_k = expert_of_topic(store, topics.num_topics)
   m = _marker_settings(workdir, "dataset")
   model = {k.split(".", 1)[1]: m.get(k, "") for k in ("model.source", "model.path", "model.preset")}
   tok = load_tokenizer(model["source"], model["path"], model["preset"])
