@@ -78,11 +78,9 @@ def experts_dir(config):
 def run_lora(config, store: ExpertStore) -> LoraConfig:
   """The LoRA shape of the run's experts: the store's (its first expert) when it holds any, else
   `config.lora`."""
-  topics = store.topics()
-  if not topics:
-    return LoraConfig.from_config(config.lora)
-  m = store.meta(topics[0])
-  return LoraConfig(rank=int(m["rank"]), alpha=float(m["alpha"]), targets=tuple(m["targets"]))
+  from mixie.serve.server import lora_from_store
+
+  return lora_from_store(store) if store.topics() else LoraConfig.from_config(config.lora)
 
 
 # ---------------------------------------------------------------------------------------------------
