@@ -303,6 +303,20 @@ def test_missing_or_corrupt_expert_fails_only_its_row(model, served):
   assert res[0].tokens == [] and res[2].tokens == []
 
 
+def test_expert_of_another_lora_shape_fails_only_its_row(model, served):
+  params, experts = model
+  server, store = served
+  one = jax.tree.map(lambda x: x[3], experts)
+  store.write(3, {k: one[k] for k in ("q", "v")},
+              {"rank": LORA.rank, "alpha": LORA.alpha, "targets": ["q", "v"],
+               "base_fingerprint": fingerprint(CFG, params)})
+  prompts = _prompts([4, 4], seed=9)
+  prompts[0][0], prompts[1][0] = 3, 1
+  res = server.generate([" ".join(map(str, p)) for p in prompts], max_new_tokens=MAX_NEW)
+  assert "topic_000003" in res[0].error and "targets ['q', 'v']" in res[0].error
+  assert res[1].error is None and res[1].tokens == _reference(params, experts, prompts[1], 1, MAX_NEW)
+
+
 def test_server_input_errors(model, served):
   server, _ = served
   res = server.generate_tokens([[], [1, 2]], [1, -1], max_new_tokens=200)

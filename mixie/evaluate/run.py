@@ -168,14 +168,10 @@ class _Experts:
     self.lora, self.fp = lora, fp
 
   def __call__(self, key: int):
+    from mixie.serve.server import load_matching
+
     st, topic = (self.lora_all, 0) if key == self.key_all else (self.store, key)
-    tree, meta = st.load(topic, self.fp)
-    if (int(meta["rank"]), float(meta["alpha"]), tuple(meta["targets"])) != \
-        (self.lora.rank, float(self.lora.alpha), tuple(self.lora.targets)):
-      raise MixieError(f"{st.entry_dir(topic)}: rank {meta['rank']}, alpha {meta['alpha']}, targets "
-                       f"{meta['targets']} differ from the other experts' ({self.lora.rank}, "
-                       f"{self.lora.alpha}, {list(self.lora.targets)}): they cannot be evaluated together")
-    return tree
+    return load_matching(st, topic, self.fp, self.lora)
 
 
 def _replicated_like(params):

@@ -38,6 +38,18 @@ def lora_from_store(store: ExpertStore) -> LoraConfig:
   return LoraConfig(rank=int(m["rank"]), alpha=float(m["alpha"]), targets=tuple(m["targets"]))
 
 
+def load_matching(store: ExpertStore, topic: int, fingerprint: str | None, lora: LoraConfig):
+  """The expert of `topic` from `store`, refused (`MixieError`) unless it was trained on the base of
+  `fingerprint` and has `lora`'s rank, alpha and targets: experts served or scored together share them."""
+  tree, meta = store.load(topic, fingerprint)
+  if (int(meta["rank"]), float(meta["alpha"]), tuple(meta["targets"])) != \
+      (lora.rank, float(lora.alpha), tuple(lora.targets)):
+    raise MixieError(f"{store.entry_dir(topic)}: expert of topic {topic} has rank {meta['rank']}, alpha "
+                     f"{meta['alpha']}, targets {meta['targets']}; the other experts have rank "
+                     f"{lora.rank}, alpha {lora.alpha}, targets {list(lora.targets)}")
+  return tree
+
+
 @dataclasses.dataclass
 class Result:
   """One prompt's answer: generated `text` and `tokens` (stop token excluded), its top-1 `expert`
@@ -93,12 +105,7 @@ class Server:
 
   def _load_expert(self, topic: int):
     """One expert from the store, refused unless it matches this base and the serving LoRA config."""
-    tree, meta = self.store.load(topic, self.base_fingerprint)
-    if float(meta["alpha"]) != float(self.lora.alpha) or int(meta["rank"]) != self.lora.rank:
-      raise MixieError(f"{self.store.entry_dir(topic)}: expert of topic {topic} has rank {meta['rank']}, "
-                       f"alpha {meta['alpha']}; the server runs rank {self.lora.rank}, alpha "
-                       f"{self.lora.alpha}")
-    return tree
+    return load_matching(self.store, topic, self.base_fingerprint, self.lora)
 
   # --- routing -------------------------------------------------------------------------------------
 
