@@ -135,8 +135,10 @@ def validate_config(config) -> None:
     raise ConfigError(f"cluster.balanced_max_size must be 0 (off) or >= 1, got {cc.balanced_max_size!r}")
   if config.model.source == "random":  # the dataset is tokenized with the shipped SmolLM2 tokenizer
     from mixie.model.llama import PRESETS
+    from mixie.model.load import has_shipped_vocab
+
     preset = PRESETS.get(config.model.preset)
-    if preset is not None and preset.vocab_size != PRESETS["smollm2_135m"].vocab_size:
+    if preset is not None and not has_shipped_vocab(preset):
       raise ConfigError(
           f"model.preset={config.model.preset!r} with model.source='random' has no tokenizer (its "
           f"vocabulary of {preset.vocab_size} differs from the shipped SmolLM2 tokenizer's "

@@ -39,11 +39,15 @@ def _preset(name: str) -> LlamaConfig:
   return PRESETS[name]
 
 
+def has_shipped_vocab(cfg: LlamaConfig) -> bool:
+  """Whether `cfg`'s vocabulary is the shipped SmolLM2 tokenizer's: the only tokenizer a random-weight
+  preset can have."""
+  return cfg.vocab_size == PRESETS["smollm2_135m"].vocab_size
+
+
 def _shipped_tokenizer_for(cfg: LlamaConfig) -> Tokenizer | None:
   """The shipped SmolLM2 tokenizer when `cfg`'s vocabulary is its own (random presets), else None."""
-  if cfg.vocab_size != PRESETS["smollm2_135m"].vocab_size:
-    return None
-  return Tokenizer.from_gguf(assets.smollm2_gguf())
+  return Tokenizer.from_gguf(assets.smollm2_gguf()) if has_shipped_vocab(cfg) else None
 
 
 def _unknown_source(source) -> ConfigError:
