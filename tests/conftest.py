@@ -16,13 +16,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 # --- a tiny trained work directory (session-scoped; used by the analysis and notebook tests) ----------
 
-import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from run_utils import write_tiny_hf_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,40 +36,6 @@ TINY_RUN_OVERRIDES = {
     "train.eval_after": False, "mesh.shape": "(1,1,1)", "eval.max_docs": 24, "eval.prefix_tokens": "(4,8)",
     "route.knn_k": 4,
 }
-
-
-def write_tiny_hf_llama(out: Path, seed: int = 0) -> Path:
-  """A random 2-layer Llama (d=32, vocab 49152) as an HF checkpoint directory: config.json,
-  model.safetensors (HF tensor names, [out, in] weights) and the shipped SmolLM2 tokenizer. No torch."""
-  import safetensors.numpy
-
-  from mixie import assets
-  from mixie.model.tokenizer import Tokenizer
-
-  V, D, F, L, N, K = 49152, 32, 64, 2, 4, 2
-  H = D // N
-  rng = np.random.default_rng(seed)
-  w = lambda *s: (0.05 * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
-  t = {"model.embed_tokens.weight": w(V, D), "model.norm.weight": np.ones(D, np.float32)}
-  for i in range(L):
-    p = f"model.layers.{i}."
-    t.update({p + "input_layernorm.weight": np.ones(D, np.float32),
-              p + "post_attention_layernorm.weight": np.ones(D, np.float32),
-              p + "self_attn.q_proj.weight": w(N * H, D), p + "self_attn.k_proj.weight": w(K * H, D),
-              p + "self_attn.v_proj.weight": w(K * H, D), p + "self_attn.o_proj.weight": w(D, N * H),
-              p + "mlp.gate_proj.weight": w(F, D), p + "mlp.up_proj.weight": w(F, D),
-              p + "mlp.down_proj.weight": w(D, F)})
-  out.mkdir(parents=True, exist_ok=True)
-  safetensors.numpy.save_file(t, str(out / "model.safetensors"))
-  (out / "config.json").write_text(json.dumps({
-      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": V, "hidden_size": D,
-      "intermediate_size": F, "num_hidden_layers": L, "num_attention_heads": N, "num_key_value_heads": K,
-      "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-      "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2}))
-  Tokenizer.from_gguf(assets.smollm2_gguf()).tok.save(str(out / "tokenizer.json"))
-  (out / "tokenizer_config.json").write_text(json.dumps(
-      {"eos_token": "<|im_end|>", "bos_token": "<|im_start|>", "add_bos_token": False}))
-  return out
 
 
 @pytest.fixture(scope="session")

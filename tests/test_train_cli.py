@@ -15,6 +15,7 @@ import pytest
 from configs.demo import get_config
 from mixie.errors import ConfigError
 from mixie.store import ExpertStore
+from run_utils import write_tiny_hf_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,21 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
   """A tiny random Llama in HF format with the shipped SmolLM2 tokenizer (vocab 49152)."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  from mixie import assets
-  from mixie.model.tokenizer import Tokenizer
-
-  out = tmp_path_factory.mktemp("tiny_hf")
-  torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                 tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-  transformers.LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
-  Tokenizer.from_gguf(assets.smollm2_gguf()).tok.save(str(out / "tokenizer.json"))
-  (out / "tokenizer_config.json").write_text(json.dumps(
-      {"eos_token": "<|im_end|>", "bos_token": "<|im_start|>", "add_bos_token": False}))
-  return out
+  return write_tiny_hf_llama(tmp_path_factory.mktemp("tiny_hf"))
 
 
 def _args(hf, workdir, **over):
