@@ -12,7 +12,8 @@ the prefill and first token cancel out. Timings are medians of interleaved repea
     python bench/base_inference.py --batches 1,4 --prompt 128 --new 64
     python bench/base_inference.py --gpu-smoke   # the GPU code path on tiny shapes, on any device
 
-Imports only jax/flax/numpy/torch/transformers and mixie.model (the GPU machine has no more).
+Imports only jax/flax/numpy/torch/transformers and mixie.model, plus bench/hf_peer.py (the GPU machine
+has no more).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from hf_peer import hf_llama_config  # noqa: E402
 from mixie.model import generate as gen  # noqa: E402
 from mixie.model.llama import PRESETS, LlamaConfig, init_cache, init_params  # noqa: E402
 
@@ -150,11 +152,7 @@ def gpu_bench(cfg: LlamaConfig, batch, prompt, new, repeats, device, label):
   import torch
   import transformers
 
-  hf_cfg = transformers.LlamaConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
-      num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, intermediate_size=cfg.d_ff,
-      rope_theta=cfg.rope_theta, max_position_embeddings=max(cfg.max_seq_len, prompt + new),
-      tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa")
+  hf_cfg = hf_llama_config(cfg, max_position_embeddings=max(cfg.max_seq_len, prompt + new))
   torch.manual_seed(0)
   hf = transformers.LlamaForCausalLM(hf_cfg).to(device=device, dtype=torch.bfloat16).eval()
   params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))

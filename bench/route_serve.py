@@ -16,7 +16,8 @@ Sections (`--sections`, default `serve,route`; `gpu` runs only where JAX and tor
   distribution. Recall is against the exact numpy search; `vote_agreement`: the kNN-voted topic.
 - gpu: TinyLlama-1.1B shape (random bf16 weights), rank 16, 32 rows x 512 prompt tokens, 32 different
   experts vs one expert, and PEFT mixed / one adapter on the same GPU. This section imports only jax,
-  torch, transformers, peft, numpy and mixie.model / mixie.serve.batched.
+  torch, transformers, peft, numpy and mixie.model / mixie.serve.batched / mixie.peft_io (via
+  bench/hf_peer.py).
 
 Every side is warmed up first (compilation excluded), then all sides are timed interleaved, rep by
 rep, so that load drifts on a shared machine hit them alike; times are medians over `--reps`.
@@ -46,6 +47,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from hf_peer import hf_llama_config, peft_targets  # noqa: E402
 from mixie.model.generate import decode_step, prefill, sample_logits  # noqa: E402
 from mixie.model.llama import LlamaConfig, PRESETS, init_cache, init_params, unstack_layers  # noqa: E402
 from mixie.model.lora import LoraConfig, expert_shapes  # noqa: E402
@@ -167,16 +169,6 @@ def measure(variants, *, rows, prompt_len, reps):
 # HF PEFT: mixed-adapter batches (adapter_names=) and one active adapter, same model shape
 
 
-def hf_config(cfg: LlamaConfig):
-  import transformers
-  return transformers.LlamaConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-      num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
-      rms_norm_eps=cfg.rms_eps, tie_word_embeddings=cfg.tie_embeddings,
-      max_position_embeddings=cfg.max_seq_len)
-
-
 def peft_variants(hf_model, lora, *, rows, prompt_len, new_tokens, device="cpu", seed=0,
                   decode_tokens_mixed=None):
   """HF PEFT with `rows` adapters mixed in one batch (`adapter_names=`), and with one active adapter,
@@ -185,8 +177,7 @@ def peft_variants(hf_model, lora, *, rows, prompt_len, new_tokens, device="cpu",
   import torch
 
   torch.manual_seed(seed)
-  targets = [{"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
-              "up": "up_proj", "down": "down_proj"}[p] for p in lora.targets]
+  targets = peft_targets(lora.targets)
   pc = peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=targets, lora_dropout=0.0,
                        init_lora_weights=False)  # random A and B: no zero-B shortcut
   model = peft.get_peft_model(hf_model, pc, adapter_name="e0")
@@ -269,7 +260,7 @@ def serve_section(args):
     if args.quick:
       cfg = cfg.replace(n_layers=2)
     params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
-    hf = transformers.LlamaForCausalLM(hf_config(cfg)).to(torch.float32)
+    hf = transformers.LlamaForCausalLM(hf_llama_config(cfg)).to(torch.float32)
     model_name = "random weights, SmolLM2-135M shape" + (" (2 layers, --quick)" if args.quick else "")
   torch_threads = best_torch_threads(hf, b, t)
   variants, weight_bytes = mixie_variants(cfg, params, lora, rows=b, prompt_len=t, new_tokens=k)
@@ -392,7 +383,7 @@ def gpu_section(args):
   variants, weight_bytes = mixie_variants(cfg, params, lora, rows=b, prompt_len=t, new_tokens=k)
   device = "cpu" if dry else "cuda"
   with torch.device(device):  # initialised on the GPU (a 1.1B f32 init on the host is slow)
-    hf = transformers.LlamaForCausalLM(hf_config(cfg))
+    hf = transformers.LlamaForCausalLM(hf_llama_config(cfg))
   hf = hf.to(dtype=torch.bfloat16)
   variants.update(peft_variants(hf, lora, rows=b, prompt_len=t, new_tokens=k, device=device,
                                 decode_tokens_mixed=k_peft_mixed))

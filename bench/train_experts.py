@@ -20,7 +20,8 @@ forward (2N) plus activation gradients (2N) per token. Attention per token and l
     python bench/train_experts.py [--experts 8 --batch 1 --seq 32 --steps 3 --repeats 2 --threads 0]
     python bench/train_experts.py --sections gpu [--slots 8,16]
 
-Imports only jax/flax/optax/numpy/torch/transformers/peft and mixie.model / mixie.train core.
+Imports only jax/flax/optax/numpy/torch/transformers/peft and mixie.model / mixie.train core /
+mixie.peft_io (etils and safetensors: orbax and transformers bring them), via bench/hf_peer.py.
 """
 
 from __future__ import annotations
@@ -52,15 +53,15 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from hf_peer import hf_llama_config, peft_targets  # noqa: E402
 from mixie.model.llama import PRESETS, init_params  # noqa: E402
 from mixie.model.lora import LoraConfig  # noqa: E402
+from mixie.peft_io import HF_MODULE  # noqa: E402
 from mixie.sharding import make_mesh  # noqa: E402
 from mixie.train import optim  # noqa: E402
 from mixie.train.step import TrainSpec, compile_fns, create_state  # noqa: E402
 
 RULES = (("expert", "expert"), ("batch", "data"), ("heads", "model"), ("kv_heads", "model"), ("mlp", "model"))
-HF_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-            "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 
 
 def _batches(n_steps, E, b, T, vocab, seed=0):
@@ -118,13 +119,7 @@ def mixie_sequential(cfg, base, E, steps, b, T, lora):
 def _hf_model(cfg, base):
   import torch
   import transformers
-  hf_cfg = transformers.LlamaConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-      head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_eps,
-      tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=cfg.max_seq_len,
-      attn_implementation="sdpa")
-  model = transformers.LlamaForCausalLM(hf_cfg)
+  model = transformers.LlamaForCausalLM(hf_llama_config(cfg))
   host = jax.tree.map(np.asarray, jax.device_get(base))
   sd = {"model.embed_tokens.weight": host["embed"], "model.norm.weight": host["final_norm"]}
   if not cfg.tie_embeddings:
@@ -133,7 +128,7 @@ def _hf_model(cfg, base):
     lay = host["layers"]
     sd[f"model.layers.{i}.input_layernorm.weight"] = lay["attn_norm"][i]
     sd[f"model.layers.{i}.post_attention_layernorm.weight"] = lay["mlp_norm"][i]
-    for p, name in HF_NAMES.items():
+    for p, name in HF_MODULE.items():
       sd[f"model.layers.{i}.{name}.weight"] = lay[p][i].T
   model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, strict=False)
   if cfg.tie_embeddings:
@@ -146,7 +141,7 @@ def peft_sequential(cfg, base, E, steps, b, T, lora, hf=None):
   import torch
   model = hf if hf is not None else _hf_model(cfg, base)
   pcfg = peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0,
-                         target_modules=[HF_NAMES[p].split(".")[1] for p in lora.targets])
+                         target_modules=peft_targets(lora.targets))
   pm = peft.get_peft_model(model, pcfg, adapter_name="e0")
   for e in range(1, E):
     pm.add_adapter(f"e{e}", pcfg)
