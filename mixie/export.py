@@ -9,6 +9,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from mixie.cli import config_from_flags
+from mixie.distributed import is_main_process, on_main
 from mixie.errors import ConfigError, run_cli
 
 _OUT = flags.DEFINE_string("out", None, "export directory (created)")
@@ -33,9 +34,10 @@ def main(argv) -> int:
     raise ConfigError("--out is required (the export directory)")
   from mixie.interop import export_run
 
-  spec = export_run(config, _OUT.value, parse_topics(_TOPICS.value))
-  print(f"mixie.export: {len(spec['adapters'])} adapter(s), router of {spec['router']['num_rows']} rows "
-        f"({spec['router']['metric']}, embedder {spec['embedder']['kind']}) in {_OUT.value}", flush=True)
+  spec = on_main(lambda: export_run(config, _OUT.value, parse_topics(_TOPICS.value)))  # host work: one writer
+  if is_main_process():
+    print(f"mixie.export: {len(spec['adapters'])} adapter(s), router of {spec['router']['num_rows']} rows "
+          f"({spec['router']['metric']}, embedder {spec['embedder']['kind']}) in {_OUT.value}", flush=True)
   return 0
 
 

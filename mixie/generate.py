@@ -13,6 +13,7 @@ import sys
 from absl import app, flags
 
 from mixie.cli import config_from_flags
+from mixie.distributed import is_main_process
 from mixie.errors import ConfigError, MixieError, run_cli
 
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "a prompt (repeat for a batch)")
@@ -56,14 +57,15 @@ def main(argv) -> int:
   results = server.generate(list(_PROMPT.value), max_new_tokens=int(g.max_new_tokens),
                             temperature=float(g.temperature), top_p=float(g.top_p), top_k=int(g.top_k),
                             seed=int(config.seed if _SEED.value is None else _SEED.value))
-  failed = 0
+  failed = sum(bool(r.error) for r in results)
+  if not is_main_process():  # every process decoded the same batch on its own devices; one prints
+    return 1 if failed else 0
   for i, (prompt, r) in enumerate(zip(_PROMPT.value, results)):
     who = "base" if r.expert < 0 else f"expert {r.expert}"
     if len(r.experts) > 1:
       who = ", ".join(f"expert {e} ({w:.2f})" for e, w in r.experts)
     print(f"=== prompt {i} [{who}] ===")
     if r.error:
-      failed += 1
       print(f"mixie: error: prompt {i}: {r.error}", file=sys.stderr)
     else:
       print(prompt + r.text)

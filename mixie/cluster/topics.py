@@ -29,8 +29,10 @@ import json
 import time
 from typing import Any
 
+import jax
 import numpy as np
 
+from mixie import distributed as dist
 from mixie import io as mio
 from mixie.errors import ConfigError, MixieError, check
 
@@ -245,15 +247,16 @@ class _Steps:
 # The stage.
 
 
-def stage_mesh(config):
+def stage_mesh(config, local: bool = False):
   """The mesh of this stage: every device on `data` (batches and points are sharded over it), times the
-  config's `model` axis (a base too large to replicate is sharded over it by `mesh.rules`)."""
+  config's `model` axis (a base too large to replicate is sharded over it by `mesh.rules`). `local`:
+  this process's devices only (the embedding pass, where every process embeds its own documents)."""
   from mixie.sharding import make_mesh
 
   shape = dict(zip(tuple(config.mesh.axes), tuple(config.mesh.shape)))
   model = shape.get("model", 1)
   model = model if isinstance(model, int) and model > 0 else 1
-  return make_mesh((-1, model), ("data", "model"))
+  return make_mesh((-1, model), ("data", "model"), jax.local_devices() if local else None)
 
 
 def _base_tokenizer(model_cfg):
@@ -272,20 +275,25 @@ def run_cluster(config, *, log=print) -> dict[str, Any]:
 
   Steps: embed (corpus -> embeddings + saved embedder), cluster (-> centroids, assignment, sizes,
   quality), dataset (-> tokenized clustered dataset). Finished steps are skipped.
+
+  With several processes (`mixie.distributed`) every process runs this: process 0 decides which steps
+  run and writes every file; each process embeds its own contiguous share of the documents on its own
+  devices (the vectors are then all-gathered); k-means runs on the global mesh, its points sharded
+  over every process's devices.
   """
   validate_config(config)
   settings = step_settings(config)
   steps = _Steps(config.workdir, settings)
   d = steps.dir
   cc = config.cluster
-  mesh = None
+  meshes: dict[bool, Any] = {}
   corpus = None
+  log = log if dist.is_main_process() else (lambda *_: None)
 
-  def get_mesh():
-    nonlocal mesh
-    if mesh is None:
-      mesh = stage_mesh(config)
-    return mesh
+  def get_mesh(local: bool = False):
+    if local not in meshes:
+      meshes[local] = stage_mesh(config, local=local and dist.multi_process())
+    return meshes[local]
 
   def get_corpus():
     nonlocal corpus
@@ -295,66 +303,129 @@ def run_cluster(config, *, log=print) -> dict[str, Any]:
       _check_against_corpus(config, int((~corpus.heldout).sum()))
     return corpus
 
+  def todo(step) -> bool:  # decided by process 0 (its markers), the same answer everywhere
+    return dist.on_main(lambda: not steps.done(step))
+
   # --- embed --------------------------------------------------------------------------------------
-  if steps.done("embed"):
-    steps.skip("embed")
+  if not todo("embed"):
+    dist.on_main(lambda: steps.skip("embed"))
   else:
-    t0 = steps.start("embed")
+    t0 = dist.on_main(lambda: steps.start("embed"))
     corp = get_corpus()
     from mixie.cluster.embed import make_embedder
 
     base = None
     if cc.embedder == "base":
       from mixie.model.load import load_base
-      base = load_base(config.model, mesh=get_mesh(), rules=tuple(config.mesh.rules), seed=config.seed)
+      base = load_base(config.model, mesh=get_mesh(local=True), rules=tuple(config.mesh.rules),
+                       seed=config.seed)
     train_texts = [corp.texts[i] for i in corp.train_indices()]
     log(f"mixie.cluster: embedding {len(corp)} documents with {cc.embedder} "
         f"(first {cc.embed_tokens} tokens)")
-    embedder = make_embedder(cc, fit_texts=train_texts, base=base, mesh=get_mesh(), seed=config.seed)
-    emb_nd = embedder.embed(corp.texts)
+    embedder = make_embedder(cc, fit_texts=train_texts, base=base, mesh=get_mesh(local=True),
+                             seed=config.seed)
+    lo, hi = dist.shard_range(len(corp))
+    emb_nd = dist.allgather_rows(embedder.embed(corp.texts[lo:hi]))
     if corp.labels is not None:
       label_n, names = corp.label_ids()
     else:
       label_n, names = np.full(len(corp), -1, np.int32), []
-    embedder.save(d / "embedder")
-    mio.atomic_write_json(d / "labels.json", names)
-    mio.save_arrays(d / "embeddings.npz", {"doc_id": np.asarray(corp.ids, "U16"), "emb_nd": emb_nd,
-                                           "heldout": corp.heldout, "label": label_n})
-    steps.finish("embed", t0, {"num_docs": len(corp), "dim": int(emb_nd.shape[1]),
-                               "corpus_stats": _plain(corp.stats)})
+
+    def write_embed():
+      embedder.save(d / "embedder")
+      mio.atomic_write_json(d / "labels.json", names)
+      mio.save_arrays(d / "embeddings.npz", {"doc_id": np.asarray(corp.ids, "U16"), "emb_nd": emb_nd,
+                                             "heldout": corp.heldout, "label": label_n})
+      steps.finish("embed", t0, {"num_docs": len(corp), "dim": int(emb_nd.shape[1]),
+                                 "corpus_stats": _plain(corp.stats)})
+    dist.on_main(write_embed)
 
   # --- cluster ------------------------------------------------------------------------------------
-  if steps.done("cluster"):
-    steps.skip("cluster")
+  if not todo("cluster"):
+    dist.on_main(lambda: steps.skip("cluster"))
   else:
-    t0 = steps.start("cluster")
+    t0 = dist.on_main(lambda: steps.start("cluster"))
     e = mio.load_arrays(d / "embeddings.npz")
     train = ~e["heldout"]
     _check_against_corpus(config, int(train.sum()))
-    x_nd = e["emb_nd"]
-    from mixie.cluster import kmeans as km
-    from mixie.cluster.metrics import cluster_quality
-
-    extra: dict[str, Any] = {}
     log(f"mixie.cluster: clustering {int(train.sum())} training documents ({cc.method})")
-    if cc.method == "kmeans":
-      r = km.kmeans(x_nd[train], cc.k, metric=cc.metric, n_init=cc.n_init, max_iters=cc.max_iters,
-                    tol=float(cc.tol), balanced_max_size=float(cc.balanced_max_size), chunk=cc.chunk,
-                    seed=config.seed, mesh=get_mesh())
-      extra = {"inertia": r.inertia, "iterations": r.n_iter}
-    else:
-      from mixie.cluster.hdbscan import umap_hdbscan
-      r = umap_hdbscan(x_nd[train], umap_dim=cc.umap_dim, umap_neighbors=cc.umap_neighbors,
-                       min_cluster_size=cc.min_cluster_size, metric=cc.metric, seed=config.seed,
-                       chunk=cc.chunk)
-      extra = {"hdbscan_topics_found": r.num_topics, "hdbscan_noise_points": r.num_noise}
-      log(f"mixie.cluster: HDBSCAN found {r.num_topics} topics ({r.num_noise} noise points joined "
-          "their nearest topic)")
-    centroids = r.centroids_kd
-    topic_n = np.zeros(x_nd.shape[0], np.int32)
-    topic_n[train] = r.assign_n
-    if (~train).any():
-      topic_n[~train] = km.assign(x_nd[~train], centroids, cc.metric, cc.chunk, mesh=get_mesh())
+    r, extra = _fit_topics(config, e["emb_nd"][train], get_mesh(), log)
+    _write_topics(config, steps, t0, e, r, extra, get_mesh())
+
+  # --- dataset ------------------------------------------------------------------------------------
+  from mixie.data import dataset as ds
+
+  out = dataset_dir(config.workdir)
+  if not dist.on_main(lambda: not (steps.done("dataset") and _dataset_ok(out, log))):
+    dist.on_main(lambda: steps.skip("dataset"))
+  else:
+    t0 = dist.on_main(lambda: steps.start("dataset"))
+
+    def write_dataset():  # process 0 tokenizes and writes; the others wait for it
+      corp = get_corpus()
+      topics = load_topics(config.workdir)
+      if list(topics.doc_ids) != list(corp.ids):
+        raise MixieError(f"{d}: the corpus changed since it was embedded (document ids differ); "
+                         "use a fresh --workdir")
+      log(f"mixie.cluster: tokenizing {len(corp)} documents into {out}")
+      ds.build_dataset(out, corp, topics.topic_n, _base_tokenizer(config.model),
+                       num_topics=topics.num_topics,
+                       metadata={"embedder": cc.embedder, "method": cc.method,
+                                 "num_topics": topics.num_topics})
+      steps.finish("dataset", t0)
+    dist.on_main(write_dataset)
+
+  # --- summary ------------------------------------------------------------------------------------
+  topics = load_topics(config.workdir)
+  small = _small_topics_report(config, out, topics)
+  dist.on_main(lambda: mio.atomic_write_json(d / "small_topics.json", small))
+  manifest = ds.read_manifest(out)
+  return {
+      "workdir": str(config.workdir), "embedder": cc.embedder, "method": cc.method,
+      "num_topics": topics.num_topics, "num_docs": int(topics.doc_ids.size),
+      "num_train_docs": int((~topics.heldout_n).sum()), "num_heldout_docs": int(topics.heldout_n.sum()),
+      "quality": topics.quality, "small_topics": small,
+      "dataset": {s: {k: v for k, v in m.items() if k != "shards"}
+                  for s, m in manifest["splits"].items()},
+      "steps": {e["step"]: e["status"] for e in steps.log},
+      "paths": {"topics": str(d), "dataset": str(out)},
+  }
+
+
+def _fit_topics(config, x_nd: np.ndarray, mesh, log):
+  """The clustering of the training points (k-means on `mesh`, or UMAP + HDBSCAN on the host): the
+  result (`centroids_kd`, `assign_n`) and the extra fields of the step's marker."""
+  from mixie.cluster import kmeans as km
+
+  cc = config.cluster
+  if cc.method == "kmeans":
+    r = km.kmeans(x_nd, cc.k, metric=cc.metric, n_init=cc.n_init, max_iters=cc.max_iters,
+                  tol=float(cc.tol), balanced_max_size=float(cc.balanced_max_size), chunk=cc.chunk,
+                  seed=config.seed, mesh=mesh)
+    return r, {"inertia": r.inertia, "iterations": r.n_iter}
+  from mixie.cluster.hdbscan import umap_hdbscan
+  r = umap_hdbscan(x_nd, umap_dim=cc.umap_dim, umap_neighbors=cc.umap_neighbors,
+                   min_cluster_size=cc.min_cluster_size, metric=cc.metric, seed=config.seed, chunk=cc.chunk)
+  log(f"mixie.cluster: HDBSCAN found {r.num_topics} topics ({r.num_noise} noise points joined "
+      "their nearest topic)")
+  return r, {"hdbscan_topics_found": r.num_topics, "hdbscan_noise_points": r.num_noise}
+
+
+def _write_topics(config, steps, t0, e: dict, r, extra: dict, mesh) -> None:
+  """Assigns the held-out documents (on every process: a collective) and writes the cluster step's
+  files and marker (process 0)."""
+  from mixie.cluster import kmeans as km
+  from mixie.cluster.metrics import cluster_quality
+
+  cc, d = config.cluster, steps.dir
+  x_nd, train = e["emb_nd"], ~e["heldout"]
+  centroids = r.centroids_kd
+  topic_n = np.zeros(x_nd.shape[0], np.int32)
+  topic_n[train] = r.assign_n
+  if (~train).any():
+    topic_n[~train] = km.assign(x_nd[~train], centroids, cc.metric, cc.chunk, mesh=mesh)
+
+  def write():
     labels = e["label"][train] if (e["label"] >= 0).any() else None
     quality = cluster_quality(x_nd[train], r.assign_n, labels, metric=cc.metric,
                               sample=cc.silhouette_sample, seed=config.seed)
@@ -371,42 +442,7 @@ def run_cluster(config, *, log=print) -> dict[str, Any]:
     mio.atomic_write_json(d / "sizes.json", sizes.tolist())
     mio.atomic_write_json(d / "quality.json", quality)
     steps.finish("cluster", t0, {"num_topics": int(centroids.shape[0])})
-
-  # --- dataset ------------------------------------------------------------------------------------
-  from mixie.data import dataset as ds
-
-  out = dataset_dir(config.workdir)
-  if steps.done("dataset") and _dataset_ok(out, log):
-    steps.skip("dataset")
-  else:
-    t0 = steps.start("dataset")
-    corp = get_corpus()
-    topics = load_topics(config.workdir)
-    if list(topics.doc_ids) != list(corp.ids):
-      raise MixieError(f"{d}: the corpus changed since it was embedded (document ids differ); "
-                       "use a fresh --workdir")
-    log(f"mixie.cluster: tokenizing {len(corp)} documents into {out}")
-    ds.build_dataset(out, corp, topics.topic_n, _base_tokenizer(config.model),
-                     num_topics=topics.num_topics,
-                     metadata={"embedder": cc.embedder, "method": cc.method,
-                               "num_topics": topics.num_topics})
-    steps.finish("dataset", t0)
-
-  # --- summary ------------------------------------------------------------------------------------
-  topics = load_topics(config.workdir)
-  small = _small_topics_report(config, out, topics)
-  mio.atomic_write_json(d / "small_topics.json", small)
-  manifest = ds.read_manifest(out)
-  return {
-      "workdir": str(config.workdir), "embedder": cc.embedder, "method": cc.method,
-      "num_topics": topics.num_topics, "num_docs": int(topics.doc_ids.size),
-      "num_train_docs": int((~topics.heldout_n).sum()), "num_heldout_docs": int(topics.heldout_n.sum()),
-      "quality": topics.quality, "small_topics": small,
-      "dataset": {s: {k: v for k, v in m.items() if k != "shards"}
-                  for s, m in manifest["splits"].items()},
-      "steps": {e["step"]: e["status"] for e in steps.log},
-      "paths": {"topics": str(d), "dataset": str(out)},
-  }
+  dist.on_main(write)
 
 
 def _dataset_ok(out, log) -> bool:

@@ -41,6 +41,7 @@ import jax
 import numpy as np
 
 from mixie import io as mio
+from mixie.distributed import is_main_process
 from mixie.errors import ConfigError, MixieError, check
 from mixie.evaluate.ppl import (bucket, by_group, mixture_scores, pair_logprobs, perplexity,
                                 row_sharding_of)
@@ -241,9 +242,11 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
   eot_k = expert_of_topic(store, K)
   all_key = max([K] + [t + 1 for t in store.topics()])  # lora_all's key: above every expert id (imports)
   lora = lora_from_store(store)
-  if loaded is None:
+  if loaded is None:  # on the config's mesh: a batch's rows are split over every device (of every process)
     from mixie.model.load import load_base
-    loaded = load_base(config.model, seed=int(config.seed))
+    from mixie.sharding import mesh_from_config
+    loaded = load_base(config.model, mesh=mesh_from_config(config.mesh), seed=int(config.seed),
+                       rules=tuple(tuple(r) for r in config.mesh.rules))
   cfg, params, tokenizer = loaded
   check(tokenizer is not None, "model: the base has no tokenizer; evaluation needs one")
   fp = fp or fingerprint(cfg, params)
@@ -347,9 +350,10 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
       "seconds": round(time.time() - t_start, 1),
   }
   out = eval_dir(wd)
-  mio.save_arrays(out / PER_DOC_NPZ, per_doc)
-  mio.atomic_write_bytes(out / PLOT_PNG, plot_png(results))
-  mio.atomic_write_json(out / RESULTS_JSON, results)
+  if is_main_process():  # every process computed the same tables; one writes them
+    mio.save_arrays(out / PER_DOC_NPZ, per_doc)
+    mio.atomic_write_bytes(out / PLOT_PNG, plot_png(results))
+    mio.atomic_write_json(out / RESULTS_JSON, results)
   log(f"mixie.evaluate: {n} held-out documents ({held.too_short} with <= {ps[-1]} tokens left out"
       f"{f', a subset of {held.total}' if held.total > n + held.too_short else ''}), {n_pairs} "
       f"(document, expert) pairs scored in {score_s:.0f}s; results in {out}")

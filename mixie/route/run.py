@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from mixie import io as mio
+from mixie.distributed import is_main_process
 from mixie.errors import MixieError, check
 from mixie.route.router import ROUTER_JSON, Router, RouterConfig
 
@@ -103,5 +104,6 @@ def load_router(config, store=None) -> Router:
       if np.array_equal(router.expert_of_topic, routed_experts(store, k, router.dim)[0]):
         return router
   router = build_router(config, store)
-  router.save(d)
+  if is_main_process():  # every process of a multi-process run builds the same router; one saves it
+    router.save(d)
   return router

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from mixie.distributed import to_host
 from mixie.errors import MixieError
 from mixie.store import ExpertStore
 from mixie.train import ckpt as ckpt_lib
@@ -49,20 +50,25 @@ class LoopResult:
 
 
 def _gather_slots(tree, slots: list[int]):
-  """Host copies of the given slots of a stacked tree (only those slots leave the devices)."""
+  """Host copies of the given slots of a stacked tree (only those slots leave the devices; with several
+  processes, every process calls this and gets them all)."""
   idx = jnp.asarray(slots, jnp.int32)
-  if jax.process_count() > 1:  # pragma: no cover - multi-host TPU
-    from jax.experimental import multihost_utils
-    sub = jax.jit(lambda t: jax.tree.map(lambda x: x[idx], t))(tree)
-    return multihost_utils.process_allgather(sub, tiled=True)
-  return jax.device_get(jax.jit(lambda t: jax.tree.map(lambda x: x[idx], t))(tree))
+  return to_host(jax.jit(lambda t: jax.tree.map(lambda x: x[idx], t))(tree))
 
 
 def _put_batch(batch: dict, shardings: dict) -> dict:
-  """Host batch -> global arrays; each process places only its addressable shards (multi-host safe:
-  every process computes the same deterministic global batch)."""
+  """Host batch -> global arrays; each process places only its addressable shards, so only the rows of
+  those shards must be filled in (the loader reads only this process's slots: `local_slots`)."""
   return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx])
           for k, v in batch.items()}
+
+
+def local_slots(sharding, shape) -> list[int]:
+  """The slots (leading-axis indices) of a `shape` batch that this process's devices hold."""
+  out = set()
+  for index in sharding.addressable_devices_indices_map(tuple(shape)).values():
+    out.update(range(shape[0])[index[0]])
+  return sorted(out)
 
 
 def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: ExpertScheduler, *,
@@ -92,6 +98,8 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
     keep_checkpoints: newest checkpoints kept.
   """
   comp = compile_fns(spec, mesh, rules, jax.eval_shape(lambda: base))
+  if hasattr(loader, "set_local_slots"):  # read only the slots whose rows this process's devices hold
+    loader.set_local_slots(local_slots(comp.batch_shardings["tokens"], (spec.slots, mesh.devices.size, 1)))
   frozen = base if spec.lora_mode else None  # "full" trains the base itself
   ckpt = ckpt_lib.TrainCheckpointer(ckpt_dir, max_to_keep=keep_checkpoints)
   mode = spec.mode
@@ -139,7 +147,7 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
       keep = 0 if upto_all else 1
       while len(pending) > keep:
         p = pending.pop(0)
-        m = {k: np.asarray(v) for k, v in jax.device_get(p["metrics"]).items()}
+        m = to_host(p["metrics"])
         bad = [e for e in range(E) if m["tokens"][e] > 0 and not math.isfinite(float(m["loss"][e]))]
         if bad:
           topics = [p["topics"][e] for e in bad]

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from mixie import io as mio
+from mixie.distributed import is_main_process, to_host
 from mixie.errors import ConfigError, check
 from mixie.model.lora import LoraConfig
 from mixie.sharding import make_mesh, mesh_from_config
@@ -209,10 +210,11 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
                    store=store, fingerprint=fp, tokens_per_step=b * T, checkpoint_every=t.checkpoint_every,
                    log_every=t.log_every, max_steps=t.max_steps, metrics=metrics, expert_meta=meta, stop=stop,
                    keep_checkpoints=t.keep_checkpoints)
-  if mode == "full" and res.status == "finished" and not (wd / "full" / "meta.json").exists() \
-      and jax.process_index() == 0:
+  if mode == "full" and res.status == "finished" and not (wd / "full" / "meta.json").exists():
     from mixie.model.checkpoint import fingerprint
-    params = jax.tree.map(lambda x: x[0].astype(base_dtype(base)), jax.device_get(res.state["params"]))
+    params = jax.tree.map(lambda x: x[0].astype(base_dtype(base)), to_host(res.state["params"]))
+    if not is_main_process():  # every process gathers (a collective), process 0 writes
+      return res
     save_tree(wd / "full" / "params.safetensors", params)
     mio.atomic_write_json(wd / "full" / "meta.json", {
         "kind": "full", "base_fingerprint": fp, "fingerprint": fingerprint(cfg, params),
@@ -283,7 +285,8 @@ def run(config, *, log=print, stop: Callable[[], bool] | None = None) -> dict[st
                        "docs": results["docs"], "rows": results["rows"]}
   summary["status"] = "finished"
   summary["seconds"] = round(time.time() - t_start, 1)
-  mio.atomic_write_json(wd / "train_summary.json", summary)
+  if is_main_process():
+    mio.atomic_write_json(wd / "train_summary.json", summary)
   log(f"mixie.train: done in {summary['seconds']:.0f}s; experts in {wd / 'experts'}")
   return summary
 

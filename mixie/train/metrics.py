@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import jax
 
-from mixie.io import PathLike, atomic_write_text, path as _path
+from mixie.io import PathLike, atomic_write_text, note_write, path as _path
 
 
 class MetricsWriter:
@@ -49,6 +49,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     self.path.parent.mkdir(parents=True, exist_ok=True)
+    note_write(self.path)
     with self.path.open("a") as f:
       f.write(json.dumps(rec, sort_keys=True) + "\n")
     if self._tb is not None:
