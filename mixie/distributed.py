@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from typing import Any, Callable
 
 import jax
@@ -31,6 +32,7 @@ from mixie.errors import ConfigError, MixieError
 ENV_FLAG = "MIXIE_DISTRIBUTED"  # "1": start the multi-controller runtime
 ENV_NUM_PROCESSES = "MIXIE_NUM_PROCESSES"  # set by launch/local.py (TPU slices find it themselves)
 ENV_PROCESS_ID = "MIXIE_PROCESS_ID"  # set by launch/local.py
+ENV_FAULT = "MIXIE_FAULT_KILL"  # "P:S": process P dies after step S (tests only; `fault_point`)
 
 
 def enabled() -> bool:
@@ -158,3 +160,19 @@ def on_main(fn: Callable[[], Any]) -> Any:
   if "error" in out:
     raise (ConfigError if out["config"] else MixieError)(out["error"])
   return out["ok"]
+
+
+def fault_point(step: int, flush: Callable[[], None]) -> None:
+  """Fault injection for the resumption tests, off unless `MIXIE_FAULT_KILL="P:S"` is set: once step S
+  ran, every process flushes (`flush`: waits for pending checkpoint writes) and meets at a barrier, so
+  which checkpoint exists is known; then process P SIGKILLs itself, as a host that dies (no clean-up)."""
+  spec = os.environ.get(ENV_FAULT)
+  if not spec:
+    return
+  proc, at = (int(v) for v in spec.split(":"))
+  if step != at:
+    return
+  flush()
+  barrier(f"mixie_fault_{step}")
+  if jax.process_index() == proc:
+    os.kill(os.getpid(), signal.SIGKILL)

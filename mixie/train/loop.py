@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from mixie.distributed import to_host
+from mixie.distributed import fault_point, to_host
 from mixie.errors import MixieError
 from mixie.store import ExpertStore
 from mixie.train import ckpt as ckpt_lib
@@ -234,6 +234,7 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
                         experts=f"{len(scheduler.done)}/{len(scheduler.order)}", refresh=False)
       if step % checkpoint_every == 0 or scheduler.finished:
         save(step)
+      fault_point(step, ckpt.wait)
     check(upto_all=True)
     if status == "max_steps":
       save(step)
