@@ -30,9 +30,10 @@ import numpy as np
 
 from mixie import assets
 from mixie.errors import ConfigError, MixieError, check
+from mixie.data.synthetic import synthetic_raw
 from mixie.io import path as _path
 
-SOURCES = ("wiki_summaries", "jsonl", "text", "tfds")
+SOURCES = ("wiki_summaries", "jsonl", "text", "tfds", "synthetic")
 _GLOB_CHARS = "*?["
 _STAT_KEYS = ("read", "kept", "heldout", "empty", "duplicate", "non_utf8", "malformed", "missing_text")
 
@@ -111,7 +112,7 @@ def validate_data_config(data_cfg) -> None:
   """Checks the `data` config section before any work; raises `ConfigError` naming the field."""
   check(data_cfg.source in SOURCES,
         f"data.source={data_cfg.source!r}: must be one of {', '.join(SOURCES)}", ConfigError)
-  if data_cfg.source != "wiki_summaries":
+  if data_cfg.source not in ("wiki_summaries", "synthetic"):
     check(bool(data_cfg.path), f"data.path is required with data.source={data_cfg.source!r}", ConfigError)
   check(0.0 <= float(data_cfg.heldout_fraction) < 1.0,
         f"data.heldout_fraction={data_cfg.heldout_fraction}: must be in [0, 1)", ConfigError)
@@ -276,6 +277,8 @@ def _raw_source(data_cfg) -> Iterator[_Raw]:
   if src == "wiki_summaries":
     assets.wiki_summaries_json()  # fails now if the asset package is missing
     return _wiki_raw()
+  if src == "synthetic":  # scale simulations: E known topics (mixie.data.synthetic)
+    return synthetic_raw(data_cfg)
   if src == "jsonl":
     files = _glob_files(data_cfg.path, ("*.jsonl", "*.jsonl.gz"), "JSONL")
     return _jsonl_raw(files, data_cfg.text_field, data_cfg.label_field)

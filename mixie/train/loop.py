@@ -49,11 +49,15 @@ class LoopResult:
   written: list = dataclasses.field(default_factory=list)  # topics written to the store by this call
 
 
+@jax.jit
+def _take_slots(tree, idx):
+  return jax.tree.map(lambda x: x[idx], tree)
+
+
 def _gather_slots(tree, slots: list[int]):
   """Host copies of the given slots of a stacked tree (only those slots leave the devices; with several
-  processes, every process calls this and gets them all)."""
-  idx = jnp.asarray(slots, jnp.int32)
-  return to_host(jax.jit(lambda t: jax.tree.map(lambda x: x[idx], t))(tree))
+  processes, every process calls this and gets them all). Compiled once per number of slots."""
+  return to_host(_take_slots(tree, np.asarray(slots, np.int32)))
 
 
 def _put_batch(batch: dict, shardings: dict) -> dict:
