@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 
 from configs import demo  # noqa: E402
 from mixie.cluster.topics import run_cluster  # noqa: E402
+from mixie.data.dataset import open_dataset  # noqa: E402
 from mixie.data.loader import PackedLoader  # noqa: E402
 from mixie.evaluate.run import evaluate  # noqa: E402
 from mixie.generate import make_server  # noqa: E402
@@ -111,19 +112,38 @@ def run_one(experts: int, workdir: str, serve_batches: int = 8) -> dict:
   """The simulation for E = `experts` in `workdir` (must be empty or absent); returns the report."""
   config = demo.get_config(f"scale:{experts}")
   config.workdir = workdir
-  quiet = lambda *_: None  # noqa: E731
   out: dict = {"experts_requested": experts, "stages_s": {}, "peak_rss_mb": {}}
-  stage, rss = out["stages_s"], out["peak_rss_mb"]
+  k = cluster_stage(config, out)
+  loaded, fp = train_stage(config, out)
+  store = store_and_router_stage(config, out, k)
+  evaluate_stage(config, out, loaded, fp, len(store.topics()))
+  serve_stage(config, out, loaded, serve_batches)
+  out["stages_s"]["total"] = sum(v for key, v in out["stages_s"].items() if "." not in key)
+  out["device"] = str(jax.devices()[0].device_kind)
+  return out
 
+
+def _quiet(*_):
+  pass
+
+
+def cluster_stage(config, out: dict) -> int:
+  """Embedding, k-means and the clustered dataset (`mixie.cluster`); returns the number of topics."""
   t0 = time.perf_counter()
-  summary = run_cluster(config, log=quiet)
-  stage["cluster"] = time.perf_counter() - t0
-  steps = [json.loads(l) for l in open(os.path.join(workdir, "topics", "steps.jsonl"))]
-  stage.update({f"cluster.{s['step']}": s["seconds"] for s in steps})
+  summary = run_cluster(config, log=_quiet)
+  out["stages_s"]["cluster"] = time.perf_counter() - t0
+  with open(os.path.join(config.workdir, "topics", "steps.jsonl")) as f:
+    out["stages_s"].update({f"cluster.{s['step']}": s["seconds"] for s in map(json.loads, f)})
   out["topics"] = {"k": summary["num_topics"], "train_docs": summary["num_train_docs"],
                    "nmi": summary["quality"].get("nmi"), "ari": summary["quality"].get("ari")}
-  rss["cluster"] = peak_rss_mb()
+  out["peak_rss_mb"]["cluster"] = peak_rss_mb()
+  return summary["num_topics"]
 
+
+def train_stage(config, out: dict):
+  """The experts, in waves through the slot scheduler, with the loop's host work timed; returns the
+  loaded base `(cfg, params, tokenizer)` and its fingerprint."""
+  stage = out["stages_s"]
   t0 = time.perf_counter()
   mesh = mesh_from_config(config.mesh)
   rules = tuple(tuple(r) for r in config.mesh.rules)
@@ -132,10 +152,10 @@ def run_one(experts: int, workdir: str, serve_batches: int = 8) -> dict:
   data = open_train_data(config, int(config.train.batch_per_slot) * int(config.dataset.seq_len))
   stage["train.setup"] = time.perf_counter() - t0
   records: list = []
-  metrics = MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
+  metrics = MetricsWriter(os.path.join(config.workdir, "metrics.jsonl"))
   t0 = time.perf_counter()
   with timed_calls(records):
-    res = train_run(config, "experts", cfg, base, fp, data, tok, mesh, rules, metrics=metrics, log=quiet)
+    res = train_run(config, "experts", cfg, base, fp, data, tok, mesh, rules, metrics=metrics, log=_quiet)
   stage["train"] = time.perf_counter() - t0
   metrics.close()
   seconds, cpu, calls, compile_s = host_costs(records)
@@ -144,82 +164,86 @@ def run_one(experts: int, workdir: str, serve_batches: int = 8) -> dict:
   n_exp = len(data.budgets)
   waves = calls["ExpertScheduler.fill"]  # the first fill, then one per wave of finishing experts
   per_expert_s = sum(seconds[k] for k in PER_EXPERT)
-  per_expert_cpu = sum(cpu[k] for k in PER_EXPERT)
   per_step_s = sum(seconds[k] for k in PER_STEP)
   out["train"] = {
       "experts": n_exp, "slots": int(config.train.slots), "waves": waves, "steps": res.step,
       "tokens_per_s": res.tokens / max(res.seconds, 1e-9),
       "host_per_expert_ms": 1e3 * per_expert_s / n_exp, "host_per_wave_ms": 1e3 * per_expert_s / waves,
-      "host_cpu_per_expert_ms": 1e3 * per_expert_cpu / n_exp,
+      "host_cpu_per_expert_ms": 1e3 * sum(cpu[k] for k in PER_EXPERT) / n_exp,
       "host_cpu_per_step_ms": 1e3 * sum(cpu[k] for k in PER_STEP) / max(res.step, 1),
       "host_per_step_ms": 1e3 * per_step_s / max(res.step, 1),
       "fetch_per_expert_ms": 1e3 * seconds["_gather_slots"] / max(1, fetched),
       "host_share": (per_expert_s + per_step_s) / stage["train"], "gather_compile_s": compile_s,
       "detail_ms": {k: round(1e3 * v, 1) for k, v in sorted(seconds.items())}}
-  rss["train"] = peak_rss_mb()
+  out["peak_rss_mb"]["train"] = peak_rss_mb()
+  return (cfg, base, tok), fp
 
-  store = ExpertStore(os.path.join(workdir, "experts"))
+
+def store_and_router_stage(config, out: dict, k: int) -> ExpertStore:
+  """Listing the store, reading every expert's metadata, building the router, routing every document."""
+  store = ExpertStore(os.path.join(config.workdir, "experts"))
   t0, c0 = time.perf_counter(), time.thread_time()
   listed = store.topics()
   t1, c1 = time.perf_counter(), time.thread_time()
-  eot = expert_of_topic(store, summary["num_topics"])  # every expert's metadata
+  eot = expert_of_topic(store, k)  # every expert's metadata
   t2, c2 = time.perf_counter(), time.thread_time()
-  out["store"] = {"experts": len(listed), "list_ms_per_expert": 1e3 * (t1 - t0) / len(listed),
-                  "meta_ms_per_expert": 1e3 * (t2 - t1) / len(listed),
-                  "list_cpu_ms_per_expert": 1e3 * (c1 - c0) / len(listed),
-                  "meta_cpu_ms_per_expert": 1e3 * (c2 - c1) / len(listed),
+  n = len(listed)
+  sample = listed[:20]
+  out["store"] = {"experts": n, "list_ms_per_expert": 1e3 * (t1 - t0) / n,
+                  "meta_ms_per_expert": 1e3 * (t2 - t1) / n, "list_cpu_ms_per_expert": 1e3 * (c1 - c0) / n,
+                  "meta_cpu_ms_per_expert": 1e3 * (c2 - c1) / n,
                   "bytes_per_expert": sum(os.path.getsize(os.path.join(store.entry_dir(t), f))
-                                          for t in listed[:20] for f in ("weights.safetensors", "meta.json"))
-                  / min(20, len(listed))}
-  stage["store_scan"] = t2 - t0
-
+                                          for t in sample for f in ("weights.safetensors", "meta.json"))
+                  / len(sample)}
+  out["stages_s"]["store_scan"] = t2 - t0
   t0 = time.perf_counter()
   router = build_router(config, store)
   t1 = time.perf_counter()
-  emb = np.load(os.path.join(workdir, "topics", "embeddings.npz"))["emb_nd"]
+  emb = np.load(os.path.join(config.workdir, "topics", "embeddings.npz"))["emb_nd"]
   routed = router.route(emb)
   t2 = time.perf_counter()
-  out["router"] = {"rows": router.n_topics,
-                   "build_ms_per_expert": 1e3 * (t1 - t0) / len(listed),
+  out["router"] = {"rows": router.n_topics, "build_ms_per_expert": 1e3 * (t1 - t0) / n,
                    "route_us_per_query": 1e6 * (t2 - t1) / emb.shape[0], "queries": int(emb.shape[0]),
-                   "reaches_experts": int(np.unique(routed.top1).size), "experts_in_router": int((eot >= 0).sum())}
-  stage["router"] = t2 - t0
-  rss["router"] = peak_rss_mb()
+                   "reaches_experts": int(np.unique(routed.top1).size),
+                   "experts_in_router": int((eot >= 0).sum())}
+  out["stages_s"]["router"] = t2 - t0
+  out["peak_rss_mb"]["router"] = peak_rss_mb()
+  return store
 
+
+def evaluate_stage(config, out: dict, loaded, fp: str, n_experts: int) -> None:
+  """Routed evaluation over every expert (`mixie.evaluate`)."""
   t0 = time.perf_counter()
-  results = evaluate(config, loaded=(cfg, base, tok), fp=fp, log=quiet, progress=False)
-  stage["evaluate"] = time.perf_counter() - t0
+  results = evaluate(config, loaded=loaded, fp=fp, log=_quiet, progress=False)
+  seconds = time.perf_counter() - t0
   p = str(results["prefix_tokens"][-1])
   out["evaluate"] = {"docs": results["docs"], "pairs": results["pairs_scored"],
-                     "scoring_s": results["scoring_seconds"],
-                     "host_s": stage["evaluate"] - results["scoring_seconds"],
-                     "ms_per_expert": 1e3 * stage["evaluate"] / len(listed),
-                     "ppl": results["by_prefix"][p]["ppl"],
+                     "scoring_s": results["scoring_seconds"], "host_s": seconds - results["scoring_seconds"],
+                     "ms_per_expert": 1e3 * seconds / n_experts, "ppl": results["by_prefix"][p]["ppl"],
                      "routing_accuracy": results["by_prefix"][p]["routing_accuracy"]}
-  rss["evaluate"] = peak_rss_mb()
+  out["stages_s"]["evaluate"] = seconds
+  out["peak_rss_mb"]["evaluate"] = peak_rss_mb()
 
+
+def serve_stage(config, out: dict, loaded, batches: int) -> None:
+  """Mixed-batch serving of held-out prompts (16 per batch) through the 16-slot LRU expert cache."""
   t0 = time.perf_counter()
-  server = make_server(config, loaded=(cfg, base, tok))
-  from mixie.data.dataset import open_dataset
-  held = open_dataset(os.path.join(workdir, "dataset"), "heldout")
-  n_prompts = min(len(held), 16 * serve_batches)
-  recs = held.__getitems__(list(range(n_prompts)))
-  prompts = [tok.decode([int(t) for t in r["tokens"][:16]]) for r in recs]
+  server = make_server(config, loaded=loaded)
+  held = open_dataset(os.path.join(config.workdir, "dataset"), "heldout")
+  n = min(len(held), 16 * batches)
+  prompts = [loaded[2].decode([int(t) for t in r["tokens"][:16]]) for r in held.__getitems__(list(range(n)))]
   t1 = time.perf_counter()
   answered = 0
-  for i in range(0, n_prompts, 16):
+  for i in range(0, n, 16):
     rs = server.generate(prompts[i:i + 16], max_new_tokens=int(config.generate.max_new_tokens))
     answered += sum(r.error is None for r in rs)
   t2 = time.perf_counter()
   c = server.cache
-  out["serve"] = {"prompts": n_prompts, "answered": answered, "setup_s": t1 - t0,
-                  "ms_per_prompt": 1e3 * (t2 - t1) / max(n_prompts, 1), "cache_slots": c.capacity,
+  out["serve"] = {"prompts": n, "answered": answered, "setup_s": t1 - t0,
+                  "ms_per_prompt": 1e3 * (t2 - t1) / max(n, 1), "cache_slots": c.capacity,
                   "hits": c.hits, "misses": c.misses, "evictions": c.evictions}
-  stage["serve"] = t2 - t0
-  rss["serve"] = peak_rss_mb()
-  stage["total"] = sum(v for k, v in stage.items() if "." not in k)
-  out["device"] = str(jax.devices()[0].device_kind)
-  return out
+  out["stages_s"]["serve"] = t2 - t0
+  out["peak_rss_mb"]["serve"] = peak_rss_mb()
 
 
 def compare(reports: list[dict]) -> dict:

@@ -74,7 +74,7 @@ def scale_sim(c, experts: int) -> None:
   c.train.log_every = 10  # metric lines
   c.train.baselines = ()  # experts only
   c.route.route_tokens = 16  # the router's prefix
-  c.route.knn_k = 8  # knn voters
+  c.route.knn_k = 3  # knn voters: fewer than the ~3.8 training documents of a topic
   c.eval.prefix_tokens = (8,)  # route on 8 tokens, score the rest
   c.eval.batch = 32  # (document, expert) rows per forward; experts on device while scoring
   c.generate.cache_experts = 16  # LRU slots: serving churns through far more experts

@@ -197,12 +197,17 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
   sched = ExpertScheduler(budgets, E)
   store = None if mode == "full" else ExpertStore(wd / mode)
 
+  merged_into: dict[int, list[int]] = {}  # trained topic -> the small topics merged into it (one pass)
+  for k, t in enumerate(data.topic_map.tolist()):
+    if t >= 0 and k != t:
+      merged_into.setdefault(t, []).append(k)
+
   def meta(topic):
     if mode != "experts":
       return {"kind": mode, "topics": int(np.unique(data.topic_map[data.topic_map >= 0]).size)}
-    merged = [int(k) for k in np.flatnonzero(data.topic_map == topic) if k != topic]
     return {"kind": "expert", "centroid": data.centroids[topic].astype(float).tolist(),
-            "topic_tokens": int(data.counts[topic]), "budget": int(budgets[topic]), "merged_topics": merged}
+            "topic_tokens": int(data.counts[topic]), "budget": int(budgets[topic]),
+            "merged_topics": merged_into.get(topic, [])}
 
   log(f"mixie.train[{mode}]: {len(budgets)} expert(s) on {E} slot(s) x {b} rows x {T} tokens, "
       f"{sum(budgets.values())} tokens in all, mesh {dict(run_mesh.shape)}")
