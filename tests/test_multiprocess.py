@@ -145,3 +145,23 @@ def test_sigkill_one_process_then_resume(runs, tmp_path):
   assert _files(wd / "experts") == _files(done)
   for rel in _files(done):
     assert (wd / "experts" / rel).read_bytes() == (done / rel).read_bytes(), rel
+
+
+def test_export_and_generate_with_two_processes(runs, tmp_path):
+  """The host-only export runs on process 0; generation runs on every process, process 0 prints."""
+  wlog, out = tmp_path / "write_log", tmp_path / "export"
+  stage = [sys.executable, "-m", "mixie.export", "--config=configs/demo.py:tiny", f"--workdir={runs['mp']}",
+           f"--out={out}"] + [f"--config.{k}={v}" for k, v in runs["over"].items()]
+  r = _run(LAUNCH + stage, _env(MIXIE_WRITE_LOG=str(wlog)))
+  assert r.returncode == 0, r.stdout[-4000:]
+  assert "[p0] mixie.export: 4 adapter(s)" in r.stdout and "[p1] mixie.export" not in r.stdout
+  assert (out / "router.json").exists() and not (wlog / "writes.p1.log").exists()
+  written = {Path(l).resolve() for l in (wlog / "writes.p0.log").read_text().splitlines()}
+  assert {(out / f).resolve() for f in _files(out)} <= written
+  gen = [sys.executable, "-m", "mixie.generate", "--config=configs/demo.py:tiny", f"--workdir={runs['mp']}",
+         "--prompt=The history of", "--config.generate.max_new_tokens=4"] + [
+             f"--config.{k}={v}" for k, v in runs["over"].items()]
+  r = _run(LAUNCH + gen, _env(MIXIE_WRITE_LOG=str(wlog)))
+  assert r.returncode == 0, r.stdout[-4000:]
+  assert "[p0] === prompt 0 [expert" in r.stdout and "[p1] ===" not in r.stdout
+  assert not (wlog / "writes.p1.log").exists()  # the router cache, if saved, came from process 0

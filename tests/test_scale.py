@@ -57,3 +57,23 @@ def test_scale_500_per_expert_host_work_stays_flat(tmp_path):
   assert ratio <= 1.5, (r50["train"], r500["train"])
   meta = r500["store"]["meta_cpu_ms_per_expert"] / r50["store"]["meta_cpu_ms_per_expert"]
   assert meta <= 1.5, (r50["store"], r500["store"])
+
+
+def test_table_and_plot_show_the_largest_topics_only():
+  from mixie.evaluate.run import SHOWN_TOPICS, format_table, plot_png, shown_topics
+
+  k, rows = 40, ["base", "centroid"]
+  docs = {str(t): 1 + (t * 7) % 13 for t in range(k)}
+  tab = {"docs_per_topic": docs, "tokens_per_topic": {t: 10 * n for t, n in docs.items()}, "tokens": 1000,
+         "ppl": {r: 10.0 for r in rows}, "routing_accuracy": {"base": None, "centroid": 0.5},
+         "ppl_per_topic": {r: {str(t): 10.0 + t for t in range(k)} for r in rows}}
+  res = {"topics": list(range(k)), "prefix_tokens": [8], "rows": rows, "docs": sum(docs.values()),
+         "by_prefix": {"8": tab}}
+  shown = shown_topics(res)
+  assert len(shown) == SHOWN_TOPICS and shown == sorted(shown, key=int)
+  assert min(docs[t] for t in shown) >= max(docs[t] for t in docs if t not in shown)
+  text = format_table(res)
+  assert f"the {SHOWN_TOPICS} of {k} topics" in text
+  head = next(l for l in text.splitlines() if l.startswith("P=8")).split()
+  assert [head[i + 1] for i, w in enumerate(head) if w == "topic"] == shown
+  assert plot_png(res)[:4] == b"\x89PNG"

@@ -364,15 +364,33 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
 # Text and plot.
 
 
-def format_table(results: dict[str, Any]) -> str:
-  """The tables (one per P) as aligned text."""
+SHOWN_TOPICS = 12  # per-topic columns of the printed table and bars of the plot (all are in results.json)
+
+
+def shown_topics(results: dict[str, Any], at_most: int = SHOWN_TOPICS) -> list[str]:
+  """The topics the table and the plot show: all when few, else the `at_most` with the most held-out
+  documents at the largest P (ascending ids). Thousands of topics would be an unreadable table and a
+  plot that takes a minute to draw."""
   topics = [str(t) for t in results["topics"]]
+  if len(topics) <= at_most:
+    return topics
+  docs = results["by_prefix"][str(results["prefix_tokens"][-1])]["docs_per_topic"]
+  keep = set(sorted(topics, key=lambda t: (-docs[t], int(t)))[:at_most])
+  return [t for t in topics if t in keep]
+
+
+def format_table(results: dict[str, Any]) -> str:
+  """The tables (one per P) as aligned text (per-topic columns: `shown_topics`)."""
+  topics = shown_topics(results)
 
   def line(label, overall, per_topic, acc=""):
     return f"{label:<10}{overall:>10}" + "".join(f"{v:>10}" for v in per_topic) + f"{acc:>7}"
 
   lines = ["held-out perplexity on the tokens after the first P (the router sees only those P; "
            "oracle = each document's own topic's expert; acc = routed to that expert)"]
+  if len(topics) < len(results["topics"]):
+    lines.append(f"(the {len(topics)} of {len(results['topics'])} topics with the most documents; every "
+                 "topic is in eval/results.json)")
   for p in results["prefix_tokens"]:
     tab = results["by_prefix"][str(p)]
     head = line(f"P={p}", "overall", [f"topic {t}" for t in topics], "acc")
@@ -391,7 +409,7 @@ def plot_png(results: dict[str, Any]) -> bytes:
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 
-  ps, rows, topics = results["prefix_tokens"], results["rows"], [str(t) for t in results["topics"]]
+  ps, rows, topics = results["prefix_tokens"], results["rows"], shown_topics(results)
   fig = Figure(figsize=(13, 4.8), layout="constrained")
   FigureCanvasAgg(fig)
   ax1, ax2 = fig.subplots(1, 2, width_ratios=[1, 2])
@@ -416,7 +434,9 @@ def plot_png(results: dict[str, Any]) -> bytes:
     ax2.set_ylim(max(0.0, lo - 0.15 * (hi - lo + 1e-9)), hi + 0.05 * (hi - lo + 1e-9))
   ax2.set_xticks(x, [f"topic {t}\n({tab['docs_per_topic'][t]} docs)" for t in topics], fontsize=8)
   ax2.set_ylabel("perplexity (axis not from 0)")
-  ax2.set_title(f"per topic, P = {ps[-1]}")
+  some = "" if len(topics) == len(results["topics"]) else \
+      f" ({len(topics)} of {len(results['topics'])} topics: those with the most documents)"
+  ax2.set_title(f"per topic, P = {ps[-1]}{some}")
   ax2.legend(fontsize=8, ncols=min(len(rows), 4))
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=110)
