@@ -198,9 +198,9 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
   store = None if mode == "full" else ExpertStore(wd / mode)
 
   merged_into: dict[int, list[int]] = {}  # trained topic -> the small topics merged into it (one pass)
-  for k, t in enumerate(data.topic_map.tolist()):
-    if t >= 0 and k != t:
-      merged_into.setdefault(t, []).append(k)
+  for k, into in enumerate(data.topic_map.tolist()):
+    if into >= 0 and k != into:
+      merged_into.setdefault(into, []).append(k)
 
   def meta(topic):
     if mode != "experts":
