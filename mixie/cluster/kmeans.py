@@ -56,7 +56,7 @@ class KMeansResult:
 
 def _mesh(mesh: Mesh | None) -> Mesh:
   if mesh is None:
-    return Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    return Mesh(np.asarray(jax.local_devices()[:1]), ("data",))  # this process's own device
   if "data" not in mesh.shape:
     raise ValueError(f"k-means needs a mesh with a 'data' axis, got axes {mesh.axis_names}")
   return mesh

@@ -205,7 +205,7 @@ def _committed(params):
   """`params` as arrays committed to where they are (no copy), as `load_full` places its copy: both
   models then hit one compiled scoring function."""
   return jax.tree.map(lambda x: jax.device_put(x, x.sharding) if isinstance(x, jax.Array)
-                      else jax.device_put(x, jax.devices()[0]), params)
+                      else jax.device_put(x, jax.local_devices()[0]), params)
 
 
 # ---------------------------------------------------------------------------------------------------
