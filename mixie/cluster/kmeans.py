@@ -16,6 +16,8 @@
   a capacity-constrained greedy assignment (each point proposes to its nearest cluster that still has
   room, a cluster keeps its closest proposers) alternates with centroid updates until nothing moves.
 - `n_init` restarts keep the result with the lowest inertia.
+- The mesh may span several processes (`mixie.distributed`): every process passes the same points,
+  places only the rows of its own devices, and gets the assignment back all-gathered.
 """
 
 from __future__ import annotations
