@@ -10,7 +10,9 @@ Each E runs in a fresh process (so its peak RSS is its own).
 What is reported, per E: wall seconds per stage; the training loop's host-side work, split into
 per-step work (building and placing the batch, counting tokens) and per-expert work (writing finished
 experts to the store, scheduler and loader bookkeeping) with its total per expert and per
-wave; fetching finished slots to the host per expert (steady state: the first fetch of each wave size,
+wave, also as a multiple of what one store write of the same expert costs in a scratch store right after
+(a calibration: the machine may be busier in one run than in another); fetching finished slots to the
+host per expert (steady state: the first fetch of each wave size,
 which compiles, is reported apart); per-expert
 costs of scanning the store (listing + every expert's metadata), building the router,
 evaluation and serving; peak RSS. Ratios are against the smallest E: flat (1.0) means linear in E.
@@ -29,6 +31,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 
@@ -108,6 +111,38 @@ def host_costs(records: list) -> tuple[dict, dict, dict, float]:
   return wall, cpu, calls, compile_s
 
 
+def wave_costs(records: list) -> list[float]:
+  """CPU milliseconds of the per-expert host work per expert, wave by wave (a wave: the experts that
+  finished together, written, and their slots refilled; it ends with the scheduler's `fill`)."""
+  out, cpu, written = [], 0.0, 0
+  for label, _, ct, _ in records:
+    if label in PER_EXPERT:
+      cpu += ct
+      written += label == "ExpertStore.write"
+    if label == "ExpertScheduler.fill":
+      if written:
+        out.append(1e3 * cpu / written)
+      cpu, written = 0.0, 0
+  return out
+
+
+def calibration_write_ms(store_dir: str, rounds: int = 4, per_round: int = 16) -> float:
+  """CPU milliseconds per `ExpertStore.write` of one of the run's experts into a fresh scratch store (the
+  median of `rounds`): what a write costs on this machine right now, to which the per-expert host work
+  is compared, so that a machine busier in one run than in another does not read as a cost of E."""
+  store = ExpertStore(store_dir)
+  tree, meta = store.load(store.topics()[0], None)
+  out = []
+  with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(store_dir))) as scratch:
+    s = ExpertStore(scratch)
+    for r in range(rounds):
+      c0 = time.thread_time()
+      for i in range(per_round):
+        s.write(r * per_round + i, tree, meta)
+      out.append(1e3 * (time.thread_time() - c0) / per_round)
+  return float(np.median(out))
+
+
 def run_one(experts: int, workdir: str, serve_batches: int = 8) -> dict:
   """The simulation for E = `experts` in `workdir` (must be empty or absent); returns the report."""
   config = demo.get_config(f"scale:{experts}")
@@ -159,6 +194,9 @@ def train_stage(config, out: dict):
   stage["train"] = time.perf_counter() - t0
   metrics.close()
   seconds, cpu, calls, compile_s = host_costs(records)
+  per_wave = wave_costs(records)
+  q = max(1, len(per_wave) // 4)  # first and last quarter of the waves (a cost growing with the experts
+  # done so far shows as a ratio above 1)
   sizes = [key for label, _, _, key in records if label == "_gather_slots"]
   fetched = sum(sizes) - sum(set(sizes))  # experts of the steady-state fetches
   n_exp = len(data.budgets)
@@ -171,10 +209,15 @@ def train_stage(config, out: dict):
       "host_per_expert_ms": 1e3 * per_expert_s / n_exp, "host_per_wave_ms": 1e3 * per_expert_s / waves,
       "host_cpu_per_expert_ms": 1e3 * sum(cpu[k] for k in PER_EXPERT) / n_exp,
       "host_cpu_per_step_ms": 1e3 * sum(cpu[k] for k in PER_STEP) / max(res.step, 1),
+      "host_cpu_per_expert_ms_median_wave": float(np.median(per_wave)),
+      "host_cpu_late_vs_early_waves": float(np.median(per_wave[-q:]) / np.median(per_wave[:q])),
       "host_per_step_ms": 1e3 * per_step_s / max(res.step, 1),
       "fetch_per_expert_ms": 1e3 * seconds["_gather_slots"] / max(1, fetched),
       "host_share": (per_expert_s + per_step_s) / stage["train"], "gather_compile_s": compile_s,
       "detail_ms": {k: round(1e3 * v, 1) for k, v in sorted(seconds.items())}}
+  calib = calibration_write_ms(os.path.join(config.workdir, "experts"))
+  out["train"]["calibration_write_cpu_ms"] = calib
+  out["train"]["host_cpu_per_expert_vs_calibration"] = out["train"]["host_cpu_per_expert_ms_median_wave"] / calib
   out["peak_rss_mb"]["train"] = peak_rss_mb()
   return (cfg, base, tok), fp
 
@@ -248,7 +291,9 @@ def serve_stage(config, out: dict, loaded, batches: int) -> None:
 
 def compare(reports: list[dict]) -> dict:
   """The per-expert figures of each E and their ratio to the smallest E's (1.0 = linear in E)."""
-  keys = {"train_host_cpu_per_expert_ms": ("train", "host_cpu_per_expert_ms"),
+  keys = {"train_host_cpu_per_expert_vs_calibration": ("train", "host_cpu_per_expert_vs_calibration"),
+          "train_host_cpu_per_expert_ms_median_wave": ("train", "host_cpu_per_expert_ms_median_wave"),
+          "train_host_cpu_per_expert_ms": ("train", "host_cpu_per_expert_ms"),
           "train_host_per_expert_ms": ("train", "host_per_expert_ms"),
           "train_fetch_per_expert_ms": ("train", "fetch_per_expert_ms"),
           "store_meta_cpu_ms_per_expert": ("store", "meta_cpu_ms_per_expert"),
@@ -261,8 +306,9 @@ def compare(reports: list[dict]) -> dict:
   out = {}
   for name, (sec, field) in keys.items():
     out[name] = {str(r["experts_requested"]): round(r[sec][field], 3) for r in reports}
-    out[name + "_ratio"] = {str(r["experts_requested"]): round(r[sec][field] / max(ref[sec][field], 1e-12), 2)
-                            for r in reports}
+    if ref[sec][field] > 0:
+      out[name + "_ratio"] = {str(r["experts_requested"]): round(r[sec][field] / ref[sec][field], 2)
+                              for r in reports}
   out["total_s"] = {str(r["experts_requested"]): round(r["stages_s"]["total"], 1) for r in reports}
   out["peak_rss_mb"] = {str(r["experts_requested"]): round(max(r["peak_rss_mb"].values())) for r in reports}
   return out

