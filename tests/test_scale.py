@@ -1,8 +1,9 @@
 """The scale simulation (`bench/scale.py`, `configs/demo.py:scale:E`) at E = 50 and E = 500, each in its
 own process: every stage runs with E experts, and the training loop's host work per expert (CPU time of
 the loop's thread: store writes, scheduler and loader bookkeeping; the median over waves, relative to one
-store write timed in the same run) at E = 500 stays within 1.5x of E = 50. A cost that grows faster than E shows up here as a ratio that
-grows with E. Also: the synthetic corpus is deterministic and its topics are what k-means recovers.
+store write timed in the same run) at E = 500 stays within 1.5x of E = 50. A cost that grows faster
+than E shows up here as a ratio that grows with E. Also: the synthetic corpus is deterministic and its
+topics are what k-means recovers.
 """
 
 import importlib.util
