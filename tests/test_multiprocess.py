@@ -1,7 +1,7 @@
 """Real multi-process runs: `launch/local.py --processes 2 --devices-per-process 4` runs `mixie.train` (the
-cluster stage, the experts, the evaluation) as one JAX multi-controller job with gloo collectives, on
-the mesh expert 4 x data 2 that spans both processes (process 0 holds experts 0-1, process 1 experts
-2-3). Compared with one process holding all 8 devices on the same mesh and config.
+cluster stage, 8 experts in two waves of 4 slots, the evaluation) as one JAX multi-controller job with
+gloo collectives, on the mesh expert 4 x data 2 that spans both processes (process 0 holds slots 0-1,
+process 1 slots 2-3). Compared with one process holding all 8 devices on the same mesh and config.
 
 What equals what: the clustered dataset, the topic assignment and every expert's weights are bit for
 bit equal. The k-means centroids differ by at most a few f32 ulps (<= 1e-6): Lloyd's per-centroid
@@ -52,7 +52,9 @@ def runs(tmp_path_factory):
   """The same tiny config run by 2 processes x 4 devices and by 1 process x 8 devices (same mesh)."""
   tmp = tmp_path_factory.mktemp("mp")
   hf = write_tiny_hf_llama(tmp / "hf")
-  over = {**TINY_RUN_OVERRIDES, "model.path": str(hf), "mesh.shape": "(4,2,1)", "train.eval_after": True}
+  # 8 topics on 4 slots: two waves, so slots are refilled across processes too
+  over = {**TINY_RUN_OVERRIDES, "model.path": str(hf), "mesh.shape": "(4,2,1)", "train.eval_after": True,
+          "cluster.k": 8}
   mp, sp, wlog = tmp / "mp", tmp / "sp", tmp / "write_log"
   r = _run(LAUNCH + _train_cmd(mp, over), _env(MIXIE_WRITE_LOG=str(wlog)))
   assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
@@ -79,7 +81,7 @@ def test_two_processes_span_the_mesh(runs):
 def test_store_and_table_equal_one_process(runs):
   mp, sp = runs["mp"], runs["sp"]
   topics = sorted(p.name for p in (sp / "experts").iterdir())
-  assert topics == sorted(p.name for p in (mp / "experts").iterdir()) and len(topics) == 4
+  assert topics == sorted(p.name for p in (mp / "experts").iterdir()) and len(topics) == 8
   for t in topics:  # weights bit for bit
     assert (mp / "experts" / t / "weights.safetensors").read_bytes() == \
         (sp / "experts" / t / "weights.safetensors").read_bytes(), t
@@ -124,22 +126,23 @@ def test_only_process_zero_wrote(runs):
 
 
 def test_sigkill_one_process_then_resume(runs, tmp_path):
-  """Process 1 dies by SIGKILL after step 5 (the last checkpoint is step 3); the launcher stops process 0;
-  both start again, resume from step 3 and write the same store as the uninterrupted run."""
+  """Process 1 dies by SIGKILL after step 14, in the second wave (the last checkpoint is step 12); the
+  launcher stops process 0; both start again, resume from step 12 and write the same store as the
+  uninterrupted run."""
   wd = tmp_path / "killed"
   wd.mkdir()
   for d in ("topics", "dataset"):  # the same topics: the training alone is under test
     shutil.copytree(runs["mp"] / d, wd / d)
-  over = {**runs["over"], "train.checkpoint_every": 3, "train.eval_after": False}
-  r = _run(LAUNCH + _train_cmd(wd, over), _env(MIXIE_FAULT_KILL="1:5"))
+  over = {**runs["over"], "train.checkpoint_every": 4, "train.eval_after": False, "train.keep_checkpoints": 1}
+  r = _run(LAUNCH + _train_cmd(wd, over), _env(MIXIE_FAULT_KILL="1:14"))
   assert r.returncode == 128 + 9, r.stdout[-4000:]
   assert "process 1 failed (signal SIGKILL)" in r.stdout
-  assert not (wd / "experts").exists() or not any((wd / "experts").rglob("meta.json"))
-  assert sorted(p.name for p in (wd / "checkpoints" / "experts").iterdir() if p.name.isdigit()) == ["3"]
+  assert len(list((wd / "experts").rglob("meta.json"))) == 4  # the first wave's experts only
+  assert sorted(p.name for p in (wd / "checkpoints" / "experts").iterdir() if p.name.isdigit()) == ["12"]
   r = _run(LAUNCH + _train_cmd(wd, over), _env())
   assert r.returncode == 0, r.stdout[-6000:]
   for i in (0, 1):
-    assert any(l.startswith(f"[p{i}] mixie.train[experts]: resumed from") and l.endswith("at step 3")
+    assert any(l.startswith(f"[p{i}] mixie.train[experts]: resumed from") and l.endswith("at step 12")
                for l in r.stdout.splitlines()), r.stdout[-3000:]
   done = runs["mp"] / "experts"
   assert _files(wd / "experts") == _files(done)
@@ -154,7 +157,7 @@ def test_export_and_generate_with_two_processes(runs, tmp_path):
            f"--out={out}"] + [f"--config.{k}={v}" for k, v in runs["over"].items()]
   r = _run(LAUNCH + stage, _env(MIXIE_WRITE_LOG=str(wlog)))
   assert r.returncode == 0, r.stdout[-4000:]
-  assert "[p0] mixie.export: 4 adapter(s)" in r.stdout and "[p1] mixie.export" not in r.stdout
+  assert "[p0] mixie.export: 8 adapter(s)" in r.stdout and "[p1] mixie.export" not in r.stdout
   assert (out / "router.json").exists() and not (wlog / "writes.p1.log").exists()
   written = {Path(l).resolve() for l in (wlog / "writes.p0.log").read_text().splitlines()}
   assert {(out / f).resolve() for f in _files(out)} <= written

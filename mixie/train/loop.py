@@ -59,11 +59,15 @@ def _gather_slots(tree, slots: list[int]):
   return to_host(_take_slots(tree, np.asarray(slots, np.int32)))
 
 
+def _place(x: np.ndarray, sharding) -> jax.Array:
+  """A host array as a global array in `sharding`; each process places only its addressable shards."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
 def _put_batch(batch: dict, shardings: dict) -> dict:
-  """Host batch -> global arrays; each process places only its addressable shards, so only the rows of
-  those shards must be filled in (the loader reads only this process's slots: `local_slots`)."""
-  return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx])
-          for k, v in batch.items()}
+  """Host batch -> global arrays; only the rows of this process's shards must be filled in (the loader
+  reads only this process's slots: `local_slots`)."""
+  return {k: _place(v, shardings[k]) for k, v in batch.items()}
 
 
 def local_slots(sharding, shape) -> list[int]:
@@ -229,7 +233,8 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
           horizon = np.ones(E, np.int32)
           for e, t in new.items():
             mask[e], topics[e], horizon[e] = True, t, scheduler.horizon_steps(t, tokens_per_step)
-          state = comp.reset(state, base, mask, topics, horizon)
+          e_sh = comp.state_shardings["topic"]  # [E] over the expert axis, as reset takes them
+          state = comp.reset(state, base, *(_place(x, e_sh) for x in (mask, topics, horizon)))
       if bar is not None:
         bar.update(1)
         el = time.time() - t_start
