@@ -78,13 +78,20 @@ class Job:
     self._lock = threading.Lock()
     self._threads: list[threading.Thread] = []
     self._signalled = 0
+    self._out_ok = True  # False once writing to `out` failed
 
   def _pump(self, i: int, stream) -> None:
+    """Copies process i's output, prefixed; keeps draining it when our own output is gone (a closed
+    pipe), so that the process never blocks on a full pipe."""
     log = open(os.path.join(self.log_dir, f"process_{i}.log"), "a") if self.log_dir else None
     for line in iter(stream.readline, ""):
       with self._lock:
-        self.out.write(f"[p{i}] {line}" if line.endswith("\n") else f"[p{i}] {line}\n")
-        self.out.flush()
+        if self._out_ok:
+          try:
+            self.out.write(f"[p{i}] {line}" if line.endswith("\n") else f"[p{i}] {line}\n")
+            self.out.flush()
+          except (BrokenPipeError, OSError, ValueError):
+            self._out_ok = False
       if log is not None:
         log.write(line)
         log.flush()
@@ -150,8 +157,11 @@ class Job:
 
   def _note(self, msg: str) -> None:
     with self._lock:
-      self.out.write(f"[launch] {msg}\n")
-      self.out.flush()
+      try:
+        self.out.write(f"[launch] {msg}\n")
+        self.out.flush()
+      except (BrokenPipeError, OSError, ValueError):
+        self._out_ok = False
 
 
 def _describe(code: int) -> str:

@@ -90,3 +90,15 @@ def test_dry_run_prints_each_process(capsys):
   assert len(lines) == 2 and all(l.endswith("echo hi") for l in lines)
   assert "MIXIE_PROCESS_ID=1" in lines[1] and "JAX_COORDINATOR_ADDRESS=127.0.0.1:999" in lines[0]
 
+
+
+def test_processes_do_not_block_when_the_output_is_gone(tmp_path):
+  """The launcher's reader goes away (a closed pipe): the processes still run to the end."""
+  code = ("import sys, pathlib\n"
+          "for i in range(20000): print('x' * 100)\n"  # far more than a pipe buffer
+          f"pathlib.Path({str(tmp_path)!r}, 'done_' + __import__('os').environ['MIXIE_PROCESS_ID']).touch()\n")
+  p = _launch("--processes", "2", "--", sys.executable, "-c", code)
+  p.stdout.readline()
+  p.stdout.close()  # nobody reads the launcher any more
+  assert p.wait(timeout=120) == 0
+  assert sorted(f.name for f in tmp_path.iterdir()) == ["done_0", "done_1"]
