@@ -75,3 +75,18 @@ def load_arrays(p: PathLike) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
   except (ValueError, OSError, EOFError) as e:
     raise MixieError(f"{p}: corrupt or truncated array file ({e})") from None
+
+
+def json_safe(x: Any) -> Any:
+  """`x` made strict JSON: NaN -> None, +-inf -> "inf" / "-inf" (`float()` reads them back), numpy
+  scalars and arrays -> Python numbers and lists; dicts, lists and tuples recursively."""
+  if isinstance(x, dict):
+    return {str(k): json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple, np.ndarray)):
+    return [json_safe(v) for v in x]
+  if isinstance(x, (np.integer, np.bool_)):
+    return x.item()
+  if isinstance(x, (float, np.floating)):
+    x = float(x)
+    return None if x != x else ("inf" if x == float("inf") else "-inf" if x == float("-inf") else x)
+  return x
