@@ -29,6 +29,7 @@ def make_server(config, loaded=None):
   from mixie.cluster.topics import topics_dir
   from mixie.model.load import load_base
   from mixie.route.run import load_router
+  from mixie.serve.run import configure_server
   from mixie.serve.server import Server
   from mixie.store import ExpertStore
 
@@ -41,8 +42,8 @@ def make_server(config, loaded=None):
   embedder = load_embedder(topics_dir(config.workdir) / "embedder", base=(cfg, params, tokenizer),
                            batch=int(config.cluster.embed_batch))
   router = load_router(config, store)
-  return Server(cfg, params, tokenizer, store, router, embedder,
-                cache_slots=int(config.generate.cache_experts))
+  return configure_server(Server(cfg, params, tokenizer, store, router, embedder,
+                                cache_slots=int(config.generate.cache_experts)), config)
 
 
 @run_cli
