@@ -305,7 +305,8 @@ def test_pair_logprobs_on_a_mesh_and_through_cache_evictions(run):
 
 def test_outputs_written(run):
   d = run["wd"] / "eval"
-  assert sorted(p.name for p in d.iterdir()) == ["per_doc.npz", "ppl.png", "results.json"]  # no temp files
+  assert sorted(p.name for p in d.iterdir()) == ["coverage.json", "coverage.png", "per_doc.npz", "ppl.png",
+                                                "results.json"]  # no temp files
   res = json.loads((d / "results.json").read_text())
   assert res == json.loads(json.dumps(run["res"]))
   assert res["prefix_tokens"] == [8, 16] and res["docs"] + res["docs_too_short"] <= 14

@@ -42,8 +42,10 @@ import numpy as np
 
 from mixie import io as mio
 from mixie.errors import ConfigError, MixieError, check
+from mixie.evaluate.coverage import coverage_report
 from mixie.evaluate.ppl import (bucket, by_group, mixture_scores, pair_logprobs, perplexity,
                                 row_sharding_of)
+from mixie.route.fallback import FallbackConfig
 from mixie.route.router import RouteResult, RouterConfig, embed_queries
 
 ROUTED_MODES = ("centroid", "knn", "topk")
@@ -89,6 +91,7 @@ def validate_eval_config(config) -> None:
     raise ConfigError(f"eval.prefix_tokens: the largest P ({ps[-1]}) leaves no token to score in "
                       f"rows of dataset.seq_len={T} tokens (need P + 2 <= seq_len)")
   RouterConfig.from_config(config)  # route.* (knn_k, topk, temperature, search)
+  FallbackConfig.from_config(config)  # route.fallback, confidence, calibrate* (the coverage curve)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -336,8 +339,11 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
     tab["docs_per_topic"] = {str(t): int((held.topic_n == t).sum()) for t in topic_ids}
     by_prefix[str(p)] = tab
 
+  coverage = coverage_report(config, eval_dir(wd), routers=routers, embedder=embedder, tokenizer=tokenizer,
+                             routes=routes, per_doc=per_doc, fallbacks=[r for r in ("base", "lora_all")
+                                                                        if r in fixed], log=log)
   results = {
-      "prefix_tokens": list(ps), "rows": rows, "topics": topic_ids, "docs": n,
+      "coverage": coverage, "prefix_tokens": list(ps), "rows": rows, "topics": topic_ids, "docs": n,
       "heldout_docs": held.total, "docs_too_short": held.too_short, "max_len": max_len,
       "expert_of_topic": {str(t): int(e) for t, e in enumerate(eot_k)},
       "by_prefix": by_prefix,
