@@ -1,5 +1,5 @@
-"""Shared helpers of the tests over a work directory: random host pytrees, the tiny tf-idf run config
-and a tiny random Llama in HF format."""
+"""Shared helpers of the tests over a work directory: random host pytrees, a random base with the shipped
+tokenizer, the tiny tf-idf run config and a tiny random Llama in HF format."""
 
 from __future__ import annotations
 
@@ -17,6 +17,24 @@ def random_tree(shapes, rng, scale, ones=()):
   return {k: random_tree(v, rng, scale, ones) if isinstance(v, dict) else
           (np.ones(v, np.float32) if k in ones else (scale * rng.normal(size=v)).astype(np.float32))
           for k, v in shapes.items()}
+
+
+def random_base(cfg, lora, rng, scale=0.05):
+  """A random base of `cfg` on device (norms 1), the shipped SmolLM2 tokenizer, and the store metadata
+  of experts of `lora` trained on that base."""
+  import jax
+  import jax.numpy as jnp
+
+  from mixie import assets
+  from mixie.model.checkpoint import fingerprint
+  from mixie.model.llama import param_shapes
+  from mixie.model.tokenizer import Tokenizer
+
+  params = jax.tree.map(jnp.asarray, random_tree(param_shapes(cfg), rng, scale,
+                                                  ones=("attn_norm", "mlp_norm", "final_norm")))
+  meta = {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets),
+          "base_fingerprint": fingerprint(cfg, params)}
+  return params, Tokenizer.from_gguf(assets.smollm2_gguf()), meta
 
 
 def tfidf_run_config(workdir):

@@ -7,8 +7,6 @@ calibrates the same way, caches it, and `make_server` logs its prompts."""
 import copy
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -19,12 +17,11 @@ from mixie.errors import ConfigError
 from mixie.evaluate import coverage as C
 from mixie.evaluate import run as R
 from mixie.evaluate.ppl import perplexity
-from mixie.model.checkpoint import fingerprint
-from mixie.model.llama import LlamaConfig, param_shapes
+from mixie.model.llama import LlamaConfig
 from mixie.model.lora import LoraConfig, expert_shapes
 from mixie.route import calibrate as cal
 from mixie.store import ExpertStore
-from run_utils import random_tree, tfidf_run_config
+from run_utils import random_base, random_tree, tfidf_run_config
 
 CFG = LlamaConfig(vocab_size=49152, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                   max_seq_len=128)
@@ -46,17 +43,12 @@ def _config(workdir):
 def run(tmp_path_factory):
   """Topics of 300 documents, random experts for the 3 topics and an all-data LoRA; evaluated once."""
   from mixie.cluster.topics import run_cluster
-  from mixie.model.tokenizer import Tokenizer
 
   wd = tmp_path_factory.mktemp("coverage") / "w"
   config = _config(wd)
   run_cluster(config, log=lambda *_: None)
   rng = np.random.default_rng(0)
-  params = jax.tree.map(jnp.asarray, random_tree(param_shapes(CFG), rng, 0.05,
-                                                  ones=("attn_norm", "mlp_norm", "final_norm")))
-  tok = Tokenizer.from_gguf(assets.smollm2_gguf())
-  meta = {"rank": LORA.rank, "alpha": LORA.alpha, "targets": list(LORA.targets),
-          "base_fingerprint": fingerprint(CFG, params)}
+  params, tok, meta = random_base(CFG, LORA, rng)
   for t in range(3):
     ExpertStore(wd / "experts").write(t, random_tree(expert_shapes(CFG, LORA), rng, 0.3), meta)
   ExpertStore(wd / "lora_all").write(0, random_tree(expert_shapes(CFG, LORA), rng, 0.3),

@@ -18,10 +18,10 @@ from mixie.errors import ConfigError, MixieError
 from mixie.evaluate import run as R
 from mixie.evaluate.ppl import mixture_scores, pair_logprobs, row_sharding_of
 from mixie.model.checkpoint import fingerprint
-from mixie.model.llama import LlamaConfig, forward, param_shapes
+from mixie.model.llama import LlamaConfig, forward
 from mixie.model.lora import LoraConfig, expert_shapes
 from mixie.store import ExpertStore, save_tree
-from run_utils import random_tree, tfidf_run_config
+from run_utils import random_base, random_tree, tfidf_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = LlamaConfig(vocab_size=49152, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -43,18 +43,13 @@ def run(tmp_path_factory):
   """A workdir with real topics (tf-idf) and dataset, random experts for topics 0 and 1, an all-data
   LoRA and a 'full' base; evaluated once."""
   from mixie.cluster.topics import run_cluster
-  from mixie.model.tokenizer import Tokenizer
-  from mixie import assets
 
   wd = tmp_path_factory.mktemp("eval") / "w"
   config = _config(wd)
   run_cluster(config, log=lambda *_: None)
   rng = np.random.default_rng(0)
-  params = jax.tree.map(jnp.asarray, random_tree(param_shapes(CFG), rng, 0.05,
-                                                  ones=("attn_norm", "mlp_norm", "final_norm")))
-  tok = Tokenizer.from_gguf(assets.smollm2_gguf())
-  fp = fingerprint(CFG, params)
-  meta = {"rank": LORA.rank, "alpha": LORA.alpha, "targets": list(LORA.targets), "base_fingerprint": fp}
+  params, tok, meta = random_base(CFG, LORA, rng)
+  fp = meta["base_fingerprint"]
   experts = {t: random_tree(expert_shapes(CFG, LORA), rng, 0.3) for t in WITH_EXPERT}
   for t, e in experts.items():
     ExpertStore(wd / "experts").write(t, e, meta)

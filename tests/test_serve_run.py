@@ -7,20 +7,17 @@ import os
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mixie import assets
-from mixie.model.checkpoint import fingerprint
 from mixie.model.generate import generate
-from mixie.model.llama import LlamaConfig, param_shapes
+from mixie.model.llama import LlamaConfig
 from mixie.model.lora import LoraConfig, expert_shapes
 from mixie.route.router import ROUTER_JSON, prefix_token_ids
 from mixie.route.run import build_router, expert_of_topic, load_router, router_dir
 from mixie.store import ExpertStore
-from run_utils import random_tree, tfidf_run_config
+from run_utils import random_base, random_tree, tfidf_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = LlamaConfig(vocab_size=49152, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -40,17 +37,12 @@ def _config(workdir):
 def run(tmp_path_factory):
   """Topics of 300 documents (k = 3); experts for topics 0 and 2, topic 1 merged into topic 0."""
   from mixie.cluster.topics import run_cluster
-  from mixie.model.tokenizer import Tokenizer
 
   wd = tmp_path_factory.mktemp("serve") / "w"
   config = _config(wd)
   run_cluster(config, log=lambda *_: None)
   rng = np.random.default_rng(0)
-  params = jax.tree.map(jnp.asarray, random_tree(param_shapes(CFG), rng, 0.05,
-                                                  ones=("attn_norm", "mlp_norm", "final_norm")))
-  tok = Tokenizer.from_gguf(assets.smollm2_gguf())
-  meta = {"rank": LORA.rank, "alpha": LORA.alpha, "targets": list(LORA.targets),
-          "base_fingerprint": fingerprint(CFG, params)}
+  params, tok, meta = random_base(CFG, LORA, rng)
   experts = {t: random_tree(expert_shapes(CFG, LORA), rng, 0.3) for t in (0, 2)}
   store = ExpertStore(wd / "experts")
   store.write(0, experts[0], {**meta, "merged_topics": [1]})
