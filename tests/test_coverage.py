@@ -199,3 +199,43 @@ def test_bad_fallback_settings_fail_before_any_compute(run, tmp_path):
     log_path(bad)
   bad.serve.log_path = ""
   assert log_path(bad) is None
+
+
+def test_vote_confidence_calibrates_knn_and_skips_the_other_modes(run, tmp_path):
+  config = copy.deepcopy(run["config"])
+  config.route.mode, config.route.confidence = "knn", "vote"
+  routers = R.make_routers(config, ExpertStore(run["wd"] / "experts"), MODES)
+  emb = _embedder(run)
+  got = C.calibrate_thresholds(config, routers, emb, run["tok"], [8])["8"]
+  assert "skipped" in got["centroid"] and got["knn"]["rule"] == "precision"
+  held = R.heldout_set(config, max(config.eval.prefix_tokens) + 1)
+  routes = {P: R.prefix_routes(routers, emb, run["tok"], held.tokens, P, np.zeros(len(held.tokens)))
+            for P in (8, 16)}
+  chosen = C.coverage_report(config, tmp_path, routers=routers, embedder=emb, tokenizer=run["tok"],
+                             routes=routes, per_doc=run["per_doc"], fallbacks=["base"],
+                             log=lambda *_: None)
+  rep = json.loads((tmp_path / C.COVERAGE_JSON).read_text())
+  assert set(chosen["8"]) == {"knn"} and "skipped" in rep["by_prefix"]["8"]["centroid"]
+  c = rep["by_prefix"]["8"]["knn"]["curve"]
+  assert np.all(np.diff(c["coverage"]) <= 0) and c["coverage"][0] == 1.0
+
+
+def test_serving_without_training_documents(run, monkeypatch):
+  from mixie.errors import MixieError
+
+  config = copy.deepcopy(run["config"])
+  config.route.calibrate_target = 0.5  # another key: no cached threshold
+  router = R.make_routers(config, ExpertStore(run["wd"] / "experts"), ["centroid"])["centroid"]
+
+  def gone(*a):
+    raise MixieError("dataset: file not found")
+
+  monkeypatch.setattr(cal, "calibration_set", gone)
+  logs = []
+  policy = cal.serving_policy(config, router, _embedder(run), run["tok"], log=logs.append)
+  assert policy.fallback == "none" and policy.threshold == -np.inf and "warning" in logs[0]
+  config.route.fallback = "base"  # a fallback cannot do without its threshold
+  with pytest.raises(MixieError, match="dataset"):
+    cal.serving_policy(config, router, _embedder(run), run["tok"])
+  config.route.calibrate, config.route.min_confidence = "", 0.25  # a fixed threshold needs no data
+  assert cal.serving_policy(config, router, None, None) == cal.Policy("base", "margin", 0.25)

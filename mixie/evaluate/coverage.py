@@ -80,7 +80,11 @@ def calibrate_thresholds(config, routers: dict, embedder, tokenizer, prefixes: S
   out = {}
   for p in prefixes:
     routes = calibration_routes(routers, embedder, tokenizer, tokens, p)
-    out[str(p)] = {m: calibrate(r, routers[m].expert_of_topic[topic_n], fb) for m, r in routes.items()}
+    out[str(p)] = {m: calibrate(r, routers[m].expert_of_topic[topic_n], fb)
+                   if not np.isnan(r.confidence(fb.confidence)).all() else
+                   {"rule": fb.calibrate, "threshold": float("nan"),
+                    "skipped": f"no {fb.confidence} confidence in mode {m}"}
+                   for m, r in routes.items()}
   return out
 
 

@@ -131,7 +131,13 @@ def serving_policy(config, router: Router | None, embedder, tokenizer, *, log=pr
     if saved.get("key") == key:
       return Policy(fb.fallback, fb.confidence, float(saved["result"]["threshold"]))
   prefix = router.cfg.route_tokens
-  tokens, topic_n = calibration_set(config, prefix + 1)
+  try:
+    tokens, topic_n = calibration_set(config, prefix + 1)
+  except MixieError as e:
+    if fb.fallback != "none":
+      raise
+    log(f"mixie: warning: no fallback threshold to log low-confidence queries against ({e})")
+    return Policy(fallback="none", confidence=fb.confidence)
   route = calibration_routes({"serve": router}, embedder, tokenizer, tokens, prefix)["serve"]
   res = calibrate(route, router.expert_of_topic[topic_n], fb)
   mio.atomic_write_json(path, {"key": key, "result": mio.json_safe(res)})
