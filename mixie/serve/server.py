@@ -11,7 +11,7 @@
 Batches are padded to power-of-two rows and prompt lengths to a multiple of `length_bucket`, so a
 server compiles a few shapes, not one per request.
 
-Fallback and log (both optional, set from a run's config by `mixie.serve.ops.configure`): a prompt
+Fallback and log (both optional, set from a run's config by `mixie.serve.run.configure_server`): a prompt
 whose routing confidence is below the `policy`'s threshold is served by the fallback model (the base,
 or the all-data LoRA under the key `LORA_ALL_KEY`; `mixie.route.fallback`), and every prompt of a
 `generate` call is appended to the `request_log` (`mixie.serve.request_log`) once its tokens are back.
@@ -169,9 +169,10 @@ class Server:
     strings are cut from the text after decoding. Returns one `Result` per prompt, in order.
     """
     check(len(prompts) > 0, "generate: no prompts given")
-    start_s, t0 = time.time(), time.perf_counter()
+    start_s = time.time()
     token_ids = [list(self.tokenizer.encode(p)) for p in prompts]
     routed_ids = [ids if ids else [0] for ids in token_ids]
+    t0 = time.perf_counter()
     routed, served, below_n = self.route_with_fallback(routed_ids)
     route_ms = 1e3 * (time.perf_counter() - t0)
     results = self.generate_tokens(token_ids, served.expert_ids, served.weights,
