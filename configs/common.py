@@ -114,7 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.route.temperature = 0.1  # topk: softmax(-d^2 / T) weights
   # Fallback: a query whose routing confidence is below the threshold is served by a fallback model
   # (serving, mixie.generate; evaluation reports coverage vs perplexity in workdir/eval/coverage.json).
-  c.route.fallback = "none"  # "none" (the routed expert serves every query), "base", "lora_all" (workdir/lora_all)
+  c.route.fallback = "none"  # "none" (the routed expert serves all), "base", "lora_all" (workdir/lora_all)
   c.route.confidence = "margin"  # what is thresholded: "margin" (distance to the nearest centroid of
   # another expert minus to the nearest), "distance" (minus the nearest centroid's distance), "vote"
   # (the knn vote share; route.mode = "knn" only)

@@ -11,6 +11,20 @@ import numpy as np
 from configs.common import base_config
 
 
+class NumberTokenizer:
+  """Ids <-> space-separated numbers (a stand-in tokenizer with the interface the server uses)."""
+
+  eos_ids = (0,)
+
+  def encode(self, text):
+    """Token ids of "3 1 4" -> [3, 1, 4]."""
+    return [int(w) for w in text.split()]
+
+  def decode(self, ids):
+    """[3, 1, 4] -> "3 1 4"."""
+    return " ".join(str(i) for i in ids)
+
+
 def random_tree(shapes, rng, scale, ones=()):
   """Arrays of `shapes` (a nested dict of shape tuples) drawn on the host, no compile; leaves named in
   `ones` are 1."""

@@ -24,7 +24,7 @@ from mixie.route.search import SearchConfig
 from mixie.serve.request_log import RequestLog
 from mixie.serve.server import Server
 from mixie.store import ExpertStore
-from run_utils import random_tree
+from run_utils import NumberTokenizer, random_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = LlamaConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -33,18 +33,6 @@ LORA = LoraConfig(rank=4, alpha=8.0)
 K = 6
 MAX_NEW = 6
 THRESHOLD = 0.5  # margin: a prompt "t 0 ..." has margin sqrt(2) ~ 1.41, "t 9 ..." ~0.10 (see _Embedder)
-
-
-class _Tok:
-  """Ids <-> space-separated numbers."""
-
-  eos_ids = (0,)
-
-  def encode(self, text):
-    return [int(w) for w in text.split()]
-
-  def decode(self, ids):
-    return " ".join(str(i) for i in ids)
 
 
 class _Embedder:
@@ -86,8 +74,8 @@ def _server(model, stores, policy, log=None, slots=2):
   store, lora_all = stores
   router = Router(np.eye(K, dtype=np.float32), RouterConfig(route_tokens=2,
                                                             search=SearchConfig(backend="brute")))
-  return Server(CFG, params, _Tok(), store, router, _Embedder(), cache_slots=slots, length_bucket=16,
-                policy=policy, lora_all_store=lora_all, request_log=log)
+  return Server(CFG, params, NumberTokenizer(), store, router, _Embedder(), cache_slots=slots,
+                length_bucket=16, policy=policy, lora_all_store=lora_all, request_log=log)
 
 
 def _reference(params, expert, prompt):
@@ -111,7 +99,7 @@ def test_below_min_confidence_the_fallback_serves(model, stores, fallback):
   res = server.generate(PROMPTS, max_new_tokens=MAX_NEW)
   fb_expert = None if fallback == "base" else experts[K]
   for r, p, low in zip(res, PROMPTS, LOW):
-    ids = _Tok().encode(p)
+    ids = NumberTokenizer().encode(p)
     assert r.error is None
     assert (r.confidence["margin"] < THRESHOLD) == low, r.confidence
     if low:
@@ -121,9 +109,10 @@ def test_below_min_confidence_the_fallback_serves(model, stores, fallback):
       assert r.fallback == "" and r.expert == ids[0] % K
       assert r.tokens == _reference(params, experts[ids[0] % K], ids)
   # the fallback's tokens differ from what the routed expert would have said (the test can fail)
-  assert res[1].tokens != _reference(params, experts[2], _Tok().encode(PROMPTS[1]))
+  assert res[1].tokens != _reference(params, experts[2], NumberTokenizer().encode(PROMPTS[1]))
   # without a fallback, the same prompts are served by their routed experts
-  plain = _server(model, stores, Policy("none", "margin", THRESHOLD)).generate(PROMPTS, max_new_tokens=MAX_NEW)
+  plain = _server(model, stores, Policy("none", "margin", THRESHOLD)).generate(PROMPTS,
+                                                                            max_new_tokens=MAX_NEW)
   assert [r.expert for r in plain] == [int(p.split()[0]) % K for p in PROMPTS]
   assert not any(r.fallback for r in plain)
 
@@ -134,13 +123,15 @@ def test_topk_rows_below_the_threshold_fall_back_whole(model, stores):
   server.router = server.router.with_config(mode="topk", topk=2)
   res = server.generate(PROMPTS[:2], max_new_tokens=MAX_NEW)
   assert len(res[0].experts) == 2 and res[0].fallback == ""
-  assert res[1].fallback == "base" and res[1].tokens == _reference(params, None, _Tok().encode(PROMPTS[1]))
+  assert res[1].fallback == "base"
+  assert res[1].tokens == _reference(params, None, NumberTokenizer().encode(PROMPTS[1]))
 
 
 def test_lora_all_fallback_needs_its_store(model, stores):
   params, _ = model
   with pytest.raises(ConfigError, match="route.fallback='lora_all'"):
-    Server(CFG, params, _Tok(), stores[0], None, _Embedder(), policy=Policy("lora_all", "margin", 0.5))
+    Server(CFG, params, NumberTokenizer(), stores[0], None, _Embedder(),
+           policy=Policy("lora_all", "margin", 0.5))
 
 
 def test_every_prompt_is_logged_as_one_json_line_without_text(model, stores, tmp_path):
@@ -156,7 +147,7 @@ def test_every_prompt_is_logged_as_one_json_line_without_text(model, stores, tmp
           "tokens_out", "latency_ms", "error"}
   for rec, r, p, low in zip(recs, res + res2, PROMPTS + PROMPTS[:1], LOW + LOW[:1]):
     assert set(rec) == keys
-    ids = _Tok().encode(p)
+    ids = NumberTokenizer().encode(p)
     assert rec["prefix_sha256"] == hashlib.sha256(np.asarray(ids[:2], "<i4").tobytes()).hexdigest()[:16]
     assert rec["fallback"] == ("base" if low else None) and rec["source"] == "server"
     assert rec["routed"] == [[ids[0] % K, 1.0]]
