@@ -20,7 +20,7 @@ from mixie.errors import MixieError
 from mixie.model.checkpoint import fingerprint, load_hf
 from mixie.model.llama import forward
 from mixie.model.lora import LoraConfig, expert_shapes
-from mixie.peft_io import write_adapter
+from mixie.interop.peft import write_adapter
 from mixie.route.run import load_router
 from mixie.route.search import l2_normalize
 from mixie.store import ExpertStore
@@ -314,7 +314,7 @@ def test_cli_export_and_import_refusal(run, tmp_path):
   assert json.loads((tmp_path / "x" / "router.json").read_text())["adapters"] == {"1": "expert_1"}
   assert (tmp_path / "x" / "expert_1" / "adapter_model.safetensors").exists()
   bad = _valid_adapter(run, tmp_path / "dora", use_dora=True)
-  p = subprocess.run([sys.executable, "-m", "mixie.import", *flags, f"--adapter={bad}"],
+  p = subprocess.run([sys.executable, "-m", "mixie.experts", *flags, f"--adapter={bad}"],
                      cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert p.returncode == 2 and "Traceback" not in p.stderr
   assert p.stderr.strip().splitlines()[-1].startswith("mixie: error: ") and "use_dora=true" in p.stderr

@@ -89,7 +89,7 @@ def _topics(config):
 def test_make_server_routes_with_the_run_router_and_serves(run):
   from mixie.cluster.embed import load_embedder
   from mixie.cluster.topics import topics_dir
-  from mixie.generate import make_server
+  from mixie.generate.__main__ import make_server
 
   config, params, tok = run["config"], run["params"], run["tok"]
   server = make_server(config, loaded=(CFG, params, tok))

@@ -10,7 +10,7 @@ import pytest
 from mixie.errors import MixieError
 from mixie.model.llama import forward
 from mixie.model.lora import LoraConfig, init_expert
-from mixie.peft_io import from_peft_tensors, read_adapter, to_peft_tensors, write_adapter
+from mixie.interop.peft import from_peft_tensors, read_adapter, to_peft_tensors, write_adapter
 from mixie.store import ExpertStore
 from train_utils import TINY
 

@@ -31,7 +31,7 @@ def main(argv) -> int:
   config = config_from_flags(argv)
   if not _OUT.value:
     raise ConfigError("--out is required (the export directory)")
-  from mixie.interop import export_run
+  from mixie.interop.export import export_run
 
   spec = export_run(config, _OUT.value, parse_topics(_TOPICS.value))
   print(f"mixie.export: {len(spec['adapters'])} adapter(s), router of {spec['router']['num_rows']} rows "

@@ -47,7 +47,7 @@ from mixie import io as mio
 from mixie.errors import ConfigError, MixieError, check
 from mixie.model.llama import PROJECTIONS, LlamaConfig
 from mixie.model.lora import LoraConfig, expert_shapes
-from mixie.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, HF_MODULE, from_peft_tensors, write_adapter
+from mixie.interop.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, HF_MODULE, from_peft_tensors, write_adapter
 from mixie.route.router import Router, RouterConfig
 from mixie.route.search import SearchConfig, l2_normalize
 from mixie.store import ExpertStore

@@ -22,7 +22,7 @@ _DOCS = flags.DEFINE_multi_string("docs", [], "documents of the adapter at the s
 def main(argv) -> int:
   """The CLI entry point (see the module docstring)."""
   config = config_from_flags(argv)
-  from mixie.interop import import_run
+  from mixie.interop.export import import_run
 
   import_run(config, _ADAPTER.value, _DOCS.value)
   return 0
