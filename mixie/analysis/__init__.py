@@ -1,4 +1,11 @@
-"""Analysis of a work directory (what the notebooks call)."""
+"""Analysis of a work directory (what `notebooks/` call), one module per concern:
 
-from mixie.analysis.plots import *  # noqa: F401,F403  (until the split into loaders and plots)
-from mixie.analysis.plots import FIGURE_NAMES  # noqa: F401
+- `mixie.analysis.loaders`: a run's artefacts (topics, texts, training metrics, the evaluation, routes)
+  read into plain numpy arrays and dicts;
+- `mixie.analysis.summaries`: top words and titles per topic, agreement with reference labels, 2-D
+  projections;
+- `mixie.analysis.plots`: figures of the topics and the training curves.
+
+The held-out evaluation's figures are `mixie.evaluate.plots`, the ones `python -m mixie.evaluate` writes;
+figure creation and saving is `mixie.figures`.
+"""
