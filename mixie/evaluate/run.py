@@ -41,15 +41,21 @@ import jax
 import numpy as np
 
 from mixie import io as mio
-from mixie.evaluate import plots
+from mixie.cluster.embed import load_embedder
+from mixie.cluster.topics import dataset_dir, load_topics, topics_dir
+from mixie.data.dataset import open_dataset
 from mixie.errors import ConfigError, MixieError, check
+from mixie.evaluate import plots
 from mixie.evaluate.ppl import (bucket, by_group, mixture_scores, pair_logprobs, perplexity,
                                 row_sharding_of)
-from mixie.route.router import RouteResult, RouterConfig, embed_queries
+from mixie.model.checkpoint import fingerprint
+from mixie.model.load import load_base
+from mixie.route.router import MODES, RouteResult, RouterConfig, embed_queries
 from mixie.route.run import build_routers, expert_of_topic
+from mixie.serve.cache import ExpertCache
 from mixie.store import load_tree, run_store
 
-ROUTED_MODES = ("centroid", "knn", "topk")
+ROUTED_MODES = tuple(m for m in MODES if m != "oracle")  # what a router chooses alone (oracle is a row)
 RESULTS_JSON = "results.json"
 PER_DOC_NPZ = "per_doc.npz"
 
@@ -111,9 +117,6 @@ class HeldOut:
 def heldout_set(config, min_tokens: int) -> HeldOut:
   """The held-out split (a fixed-seed subset of `eval.max_docs` when > 0), keeping documents with at
   least `min_tokens` tokens."""
-  from mixie.cluster.topics import dataset_dir
-  from mixie.data.dataset import open_dataset
-
   src = open_dataset(dataset_dir(config.workdir), "heldout")
   idx = np.arange(len(src))
   k = int(config.eval.max_docs)
@@ -205,11 +208,6 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
       its own); else loaded from `config.model`.
     fp: the base's fingerprint when known.
   """
-  from mixie.cluster.embed import load_embedder
-  from mixie.cluster.topics import load_topics, topics_dir
-  from mixie.model.checkpoint import fingerprint
-  from mixie.serve.cache import ExpertCache
-
   t_start = time.time()
   validate_eval_config(config)
   ps = prefix_lengths(config)
@@ -224,7 +222,6 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
   all_key = max([K] + [t + 1 for t in store.topics()])  # lora_all's key: above every expert id (imports)
   lora = store.lora()
   if loaded is None:
-    from mixie.model.load import load_base
     loaded = load_base(config.model, seed=int(config.seed))
   cfg, params, tokenizer = loaded
   check(tokenizer is not None, "model: the base has no tokenizer; evaluation needs one")

@@ -30,7 +30,8 @@ def main(argv) -> int:
   config = cli.config_from_flags(argv)
   if not _OUT.value:
     raise ConfigError("--out is required (the export directory)")
-  from mixie.interop.export import export_run  # deferred: --help and flag errors answer in 0.2 s, not 4 s
+  # deferred: --help and command-line errors answer in 0.2 s, not 4 s (jax and the stage load)
+  from mixie.interop.export import export_run
 
   spec = export_run(config, _OUT.value, parse_topics(_TOPICS.value))
   print(f"mixie.export: {len(spec['adapters'])} adapter(s), router of {spec['router']['num_rows']} rows "

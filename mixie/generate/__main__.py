@@ -24,7 +24,8 @@ def main(argv) -> int:
   config = cli.config_from_flags(argv)
   if not _PROMPT.value:
     raise ConfigError("give at least one --prompt")
-  from mixie.serve.run import make_server  # deferred: --help and flag errors answer in 0.2 s, not 4 s
+  # deferred: --help and command-line errors answer in 0.2 s, not 4 s (jax and the stage load)
+  from mixie.serve.run import make_server
 
   g = config.generate
   results = make_server(config).generate(

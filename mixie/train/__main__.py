@@ -13,7 +13,8 @@ from mixie import cli
 def main(argv) -> int:
   """CLI entry: runs every missing stage of the config (topics, experts, evaluation)."""
   config = cli.config_from_flags(argv)
-  from mixie.train.main import run  # deferred: --help and flag errors answer in 0.2 s, not 4 s
+  # deferred: --help and command-line errors answer in 0.2 s, not 4 s (jax and the stage load)
+  from mixie.train.main import run
 
   run(config)
   return 0
