@@ -40,7 +40,8 @@ def test_every_stage_is_a_package_with_a_main_and_no_module_is_a_keyword():
      "mixie: error: --config.trian.slots=3: config has no field 'trian' (did you mean 'train'?)"),
     (["mixie.cluster", "--config.train.slots=many"],
      "mixie: error: flag --config.train.slots=many: invalid literal for int() with base 10: 'many'"),
-    (["mixie.generate", "--promt=hi"], "mixie: error: Unknown command line flag 'promt'. Did you mean: prompt ?"),
+    (["mixie.generate", "--promt=hi"],
+     "mixie: error: Unknown command line flag 'promt'. Did you mean: prompt ?"),
 ])
 def test_a_command_line_mistake_is_one_error_line_and_exit_status_2(args, message):
   p = _run(args[0], "--config=configs/demo.py:tiny", *args[1:])

@@ -211,7 +211,7 @@ def test_topk_with_one_expert_equals_centroid(run, tmp_path):
 
 
 def test_imported_expert_is_routed_to_and_scored_with_its_own_weights(run, tmp_path):
-  """An expert beyond the clustered topics (as `mixie.import` writes) gets a router row and is scored
+  """An expert beyond the clustered topics (as `mixie.experts import` writes) gets a router row and is scored
   with its own weights (the all-data LoRA's key used to be K, the first imported expert's id)."""
   from mixie.cluster.embed import load_embedder
   from mixie.cluster.topics import load_topics, topics_dir

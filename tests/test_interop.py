@@ -194,7 +194,8 @@ def test_export_import_round_trip_is_bit_exact(run, exported, tmp_path):
     assert a.dtype == b.dtype and np.array_equal(a, b)
   old = run["store"].meta(2).to_json()
   drop = ("topic", "imported_from")
-  assert {k: v for k, v in meta.to_json().items() if k not in drop} == {k: v for k, v in old.items() if k not in drop}
+  new = meta.to_json()
+  assert {k: v for k, v in new.items() if k not in drop} == {k: v for k, v in old.items() if k not in drop}
   assert meta.extra["imported_from"]["topic"] == 2 and meta.extra["imported_from"]["rescale_b"] is None
   # exporting the imported expert again gives the same adapter file, byte for byte
   interop_export.export_run(config, tmp_path / "again", log=lambda *_: None)
