@@ -46,7 +46,7 @@ from mixie.route.router import Router, RouterConfig, prefix_texts  # noqa: E402
 from mixie.route.search import SearchConfig  # noqa: E402
 from mixie.serve.request_log import RequestLog, request_records  # noqa: E402
 from mixie.serve.server import Server  # noqa: E402
-from mixie.store import ExpertStore  # noqa: E402
+from mixie.store import ExpertMeta, ExpertStore  # noqa: E402
 
 N_CENTROIDS, DIM = 5000, 384
 
@@ -85,7 +85,7 @@ def build(args, workdir):
   cents = rng.normal(size=(N_CENTROIDS, DIM)).astype(np.float32)
   topics = rng.choice(N_CENTROIDS, args.rows, replace=False)
   store = ExpertStore(os.path.join(workdir, "experts"))
-  meta = {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets), "base_fingerprint": "bench"}
+  meta = ExpertMeta.new(lora, "bench")
   shapes = expert_shapes(cfg, lora)
   for t in topics:
     store.write(int(t), {p: {k: (0.01 * rng.normal(size=s)).astype(np.float32) for k, s in ab.items()}

@@ -33,9 +33,9 @@ def random_tree(shapes, rng, scale, ones=()):
           for k, v in shapes.items()}
 
 
-def random_base(cfg, lora, rng, scale=0.05):
-  """A random base of `cfg` on device (norms 1), the shipped SmolLM2 tokenizer, and the store metadata
-  of experts of `lora` trained on that base."""
+def random_base(cfg, rng, scale=0.05):
+  """A random base of `cfg` on device (norms 1), the shipped SmolLM2 tokenizer, and the base's
+  fingerprint."""
   import jax
   import jax.numpy as jnp
 
@@ -46,9 +46,7 @@ def random_base(cfg, lora, rng, scale=0.05):
 
   params = jax.tree.map(jnp.asarray, random_tree(param_shapes(cfg), rng, scale,
                                                   ones=("attn_norm", "mlp_norm", "final_norm")))
-  meta = {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets),
-          "base_fingerprint": fingerprint(cfg, params)}
-  return params, Tokenizer.from_gguf(assets.smollm2_gguf()), meta
+  return params, Tokenizer.from_gguf(assets.smollm2_gguf()), fingerprint(cfg, params)
 
 
 def tfidf_run_config(workdir):

@@ -20,7 +20,8 @@ from mixie.evaluate.ppl import perplexity
 from mixie.model.llama import LlamaConfig
 from mixie.model.lora import LoraConfig, expert_shapes
 from mixie.route import calibrate as cal
-from mixie.store import ExpertStore
+from mixie.route.run import build_routers
+from mixie.store import ExpertMeta, ExpertStore
 from run_utils import random_base, random_tree, tfidf_run_config
 
 CFG = LlamaConfig(vocab_size=49152, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -48,11 +49,12 @@ def run(tmp_path_factory):
   config = _config(wd)
   run_cluster(config, log=lambda *_: None)
   rng = np.random.default_rng(0)
-  params, tok, meta = random_base(CFG, LORA, rng)
+  params, tok, fp = random_base(CFG, rng)
   for t in range(3):
-    ExpertStore(wd / "experts").write(t, random_tree(expert_shapes(CFG, LORA), rng, 0.3), meta)
+    ExpertStore(wd / "experts").write(t, random_tree(expert_shapes(CFG, LORA), rng, 0.3),
+                                      ExpertMeta.new(LORA, fp))
   ExpertStore(wd / "lora_all").write(0, random_tree(expert_shapes(CFG, LORA), rng, 0.3),
-                                     {**meta, "kind": "lora_all"})
+                                     ExpertMeta.new(LORA, fp, kind="lora_all"))
   res = R.evaluate(config, loaded=(CFG, params, tok), log=lambda *_: None)
   cov = json.loads((wd / "eval" / C.COVERAGE_JSON).read_text())
   return dict(config=config, wd=wd, params=params, tok=tok, res=res, cov=cov,
@@ -70,7 +72,7 @@ def _heldout_confidences(run, P, mode):
   """The held-out documents' confidences from their P-token routes, recomputed as evaluation does."""
   config = run["config"]
   held = R.heldout_set(config, max(config.eval.prefix_tokens) + 1)
-  routers = R.make_routers(config, ExpertStore(run["wd"] / "experts"), MODES)
+  routers = build_routers(config, ExpertStore(run["wd"] / "experts"), MODES)
   routes = R.prefix_routes(routers, _embedder(run), run["tok"], held.tokens, P, np.zeros(len(held.tokens)))
   return routes[mode].confidence(config.route.confidence)
 
@@ -95,7 +97,7 @@ def test_curve_is_monotone_and_ends_at_the_tables_rows(run):
       for f in ("base", "lora_all"):
         assert c["ppl_all"][f][0] == pytest.approx(tab[m], rel=1e-9)  # nothing falls back
         assert c["ppl_all"][f][-1] == pytest.approx(tab[f], rel=1e-9)  # everything falls back
-  png = (run["wd"] / "eval" / C.COVERAGE_PNG).read_bytes()
+  png = (run["wd"] / "eval" / f"{C.COVERAGE_FIGURE}.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
   assert res["coverage"]["8"]["centroid"] == cov["by_prefix"]["8"]["centroid"]["at_threshold"]
 
@@ -129,7 +131,7 @@ def test_curve_and_chosen_point_equal_a_direct_recomputation(run):
 def test_threshold_comes_from_training_documents_only(run, monkeypatch):
   config = run["config"]
   store = ExpertStore(run["wd"] / "experts")
-  routers = R.make_routers(config, store, MODES)
+  routers = build_routers(config, store, MODES)
   real_init = dataset_mod.ClusteredSource.__init__
   opened = []
 
@@ -161,7 +163,7 @@ def test_threshold_comes_from_training_documents_only(run, monkeypatch):
 
 
 def test_serving_calibrates_caches_and_logs(run, monkeypatch):
-  from mixie.generate import make_server
+  from mixie.serve.run import make_server
 
   config = copy.deepcopy(run["config"])
   config.route.fallback = "lora_all"
@@ -204,7 +206,7 @@ def test_bad_fallback_settings_fail_before_any_compute(run, tmp_path):
 def test_vote_confidence_calibrates_knn_and_skips_the_other_modes(run, tmp_path):
   config = copy.deepcopy(run["config"])
   config.route.mode, config.route.confidence = "knn", "vote"
-  routers = R.make_routers(config, ExpertStore(run["wd"] / "experts"), MODES)
+  routers = build_routers(config, ExpertStore(run["wd"] / "experts"), MODES)
   emb = _embedder(run)
   got = C.calibrate_thresholds(config, routers, emb, run["tok"], [8])["8"]
   assert "skipped" in got["centroid"] and got["knn"]["rule"] == "precision"
@@ -225,7 +227,7 @@ def test_serving_without_training_documents(run, monkeypatch):
 
   config = copy.deepcopy(run["config"])
   config.route.calibrate_target = 0.5  # another key: no cached threshold
-  router = R.make_routers(config, ExpertStore(run["wd"] / "experts"), ["centroid"])["centroid"]
+  router = build_routers(config, ExpertStore(run["wd"] / "experts"), ["centroid"])["centroid"]
 
   def gone(*a):
     raise MixieError("dataset: file not found")

@@ -23,7 +23,7 @@ from mixie.route.router import Router, RouterConfig
 from mixie.route.search import SearchConfig
 from mixie.serve.request_log import RequestLog
 from mixie.serve.server import Server
-from mixie.store import ExpertStore
+from mixie.store import ExpertMeta, ExpertStore
 from run_utils import NumberTokenizer, random_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,12 +60,11 @@ def model():
 @pytest.fixture()
 def stores(model, tmp_path):
   params, experts = model
-  meta = {"rank": LORA.rank, "alpha": LORA.alpha, "targets": list(LORA.targets),
-          "base_fingerprint": fingerprint(CFG, params)}
+  fp = fingerprint(CFG, params)
   store, lora_all = ExpertStore(tmp_path / "experts"), ExpertStore(tmp_path / "lora_all")
   for t in range(K):
-    store.write(t, experts[t], meta)
-  lora_all.write(0, experts[K], {**meta, "kind": "lora_all"})
+    store.write(t, experts[t], ExpertMeta.new(LORA, fp))
+  lora_all.write(0, experts[K], ExpertMeta.new(LORA, fp, kind="lora_all"))
   return store, lora_all
 
 

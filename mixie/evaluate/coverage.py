@@ -23,18 +23,18 @@ Outputs: `workdir/eval/coverage.json` (the curves, calibrations and the chosen p
 
 from __future__ import annotations
 
-import io
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mixie import figures
 from mixie import io as mio
 from mixie.evaluate.ppl import perplexity
 from mixie.route.calibrate import calibrate, calibration_routes, calibration_set
 from mixie.route.fallback import FallbackConfig, below
 
 COVERAGE_JSON = "coverage.json"
-COVERAGE_PNG = "coverage.png"
+COVERAGE_FIGURE = "coverage"  # written as <out_dir>/coverage.png
 GRID = 41  # coverage levels of the curve's thresholds (quantiles of the confidences), plus +-inf
 
 
@@ -124,7 +124,7 @@ def coverage_report(config, out_dir, *, routers: dict, embedder, tokenizer, rout
           "calibration": calib[str(p)][m], "at_threshold": point,
           "curve": coverage_curve(conf, thresholds_grid(conf), nll, tok, nll_fb)}
       chosen[str(p)][m] = point
-  mio.atomic_write_bytes(mio.path(out_dir) / COVERAGE_PNG, plot_png(report))
+  plot_coverage(report, save_dir=out_dir)
   mio.atomic_write_json(mio.path(out_dir) / COVERAGE_JSON, mio.json_safe(report))
   for p in ps:
     for m, pt in chosen[str(p)].items():
@@ -135,15 +135,11 @@ def coverage_report(config, out_dir, *, routers: dict, embedder, tokenizer, rout
   return mio.json_safe(chosen)
 
 
-def plot_png(report: dict[str, Any]) -> bytes:
-  """PNG bytes: perplexity vs coverage per P (covered rows solid, whole set with each fallback
-  dashed), the calibrated point of each curve marked."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
+def plot_coverage(report: dict[str, Any], *, save_dir=None):
+  """Perplexity vs coverage per P (covered documents solid, the whole set with each fallback dashed),
+  the calibrated point of each curve marked; written as `<save_dir>/coverage.png` when given."""
   ps = list(report["by_prefix"])
-  fig = Figure(figsize=(5.5 * max(1, len(ps)), 4.5), layout="constrained")
-  FigureCanvasAgg(fig)
+  fig = figures.new_figure(5.5 * max(1, len(ps)), 4.5)
   axes = np.atleast_1d(fig.subplots(1, max(1, len(ps)), squeeze=False)[0])
   for ax, p in zip(axes, ps):
     for i, (m, r) in enumerate(report["by_prefix"][p].items()):
@@ -160,6 +156,6 @@ def plot_png(report: dict[str, Any]) -> bytes:
     ax.set_ylabel("perplexity")
     ax.set_title(f"P = {p} (dot: calibrated threshold, {report['confidence']})")
     ax.legend(fontsize=7)
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110)
-  return buf.getvalue()
+  if save_dir is not None:
+    figures.save_figure(fig, save_dir, COVERAGE_FIGURE)
+  return fig

@@ -7,20 +7,21 @@ the low-confidence share and drift per time window; writes `workdir/monitor/summ
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
-from mixie.cli import config_from_flags
-from mixie.errors import run_cli
-from mixie.monitor.run import format_summary, monitor_dir, run_monitor
+from mixie import cli
 
 _LOG = flags.DEFINE_string("log", None, "request log to read (default: monitor.log_path, else "
                                         "serve.log_path)")
 
 
-@run_cli
 def main(argv) -> int:
   """CLI entry: summarises the request log and prints the flags."""
-  config = config_from_flags(argv)
+  config = cli.config_from_flags(argv)
+  # deferred: --help and command-line errors answer at once (the library imports jax through
+  # mixie.cluster.topics: ~3 s)
+  from mixie.monitor.run import format_summary, monitor_dir, run_monitor
+
   summary = run_monitor(config, _LOG.value)
   print(format_summary(summary))
   print(f"summary and plot in {monitor_dir(config.workdir)}")
@@ -28,4 +29,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
 
+from mixie import figures
 
-def plot_png(summary: dict[str, Any]) -> bytes:
-  """PNG bytes of a `mixie.monitor.summary.summarize` result: requests served per expert with their
-  expected count (dead experts red), the low-confidence and fallback shares per window, and each
-  window's median nearest-centroid distance and KS distance to the reference (drift windows red)."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
+NAME = "monitor"  # the figure's file name: <save_dir>/monitor.png
 
-  fig = Figure(figsize=(15, 4.5), layout="constrained")
-  FigureCanvasAgg(fig)
+
+def plot_monitor(summary: dict[str, Any], *, save_dir=None):
+  """The figure of a `mixie.monitor.summary.summarize` result: requests served per expert with their
+  expected count (dead experts marked), the low-confidence and fallback shares per window, and each
+  window's median nearest-centroid distance and KS distance to the reference (drift windows red);
+  written as `<save_dir>/monitor.png` when given."""
+  fig = figures.new_figure(15, 4.5)
   ax1, ax2, ax3 = fig.subplots(1, 3)
   per = summary["traffic"]["per_expert"]
   dead = {f["expert"] for f in summary["flags"] if f["flag"] == "dead_expert"}
@@ -62,6 +62,6 @@ def plot_png(summary: dict[str, Any]) -> bytes:
   ax3.set_ylabel("distance")
   ax3.set_title("drift against the training centroids (red: flagged)")
   ax3.legend(fontsize=8, loc="upper left")
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=100)
-  return buf.getvalue()
+  if save_dir is not None:
+    figures.save_figure(fig, save_dir, NAME, dpi=100)
+  return fig

@@ -9,15 +9,16 @@ from typing import Any
 import numpy as np
 
 from mixie import io as mio
+from mixie.cluster.topics import load_topics, topics_complete
 from mixie.errors import ConfigError, check
-from mixie.monitor.plot import plot_png
+from mixie.monitor.plot import NAME, plot_monitor
 from mixie.monitor.summary import MonitorConfig, read_log, summarize, training_shares
 from mixie.route.router import ROUTER_NPZ
 from mixie.route.run import router_dir
 from mixie.serve.request_log import log_path
 
 SUMMARY_JSON = "summary.json"
-PLOT_PNG = "monitor.png"
+PLOT_PNG = f"{NAME}.png"
 
 
 def monitor_dir(workdir):
@@ -28,12 +29,12 @@ def monitor_dir(workdir):
 def run_experts(workdir) -> tuple[list[int], dict[int, float]]:
   """The experts the run's router chooses among and each one's share of the training documents
   (empty when the run has no router yet)."""
-  from mixie.cluster.topics import load_topics
-
   npz = router_dir(workdir) / ROUTER_NPZ
   if not npz.exists():
     return [], {}
   eot = mio.load_arrays(npz)["expert_of_topic"]
+  if not topics_complete(workdir):  # a store-only run (imported experts): no training documents
+    return sorted({int(e) for e in eot if e >= 0}), {}
   topics = load_topics(workdir)
   counts = np.bincount(topics.topic_n[~topics.heldout_n], minlength=topics.num_topics)
   return sorted({int(e) for e in eot if e >= 0}), training_shares(eot, counts)
@@ -50,7 +51,7 @@ def run_monitor(config, log_file: str | None = None) -> dict[str, Any]:
   experts, shares = run_experts(config.workdir)
   summary = summarize(records, cfg, experts=experts, expected_share=shares, bad_lines=bad, log=path)
   out = monitor_dir(config.workdir)
-  mio.atomic_write_bytes(out / PLOT_PNG, plot_png(summary))
+  plot_monitor(summary, save_dir=out)
   mio.atomic_write_json(out / SUMMARY_JSON, mio.json_safe(summary))
   return summary
 

@@ -30,6 +30,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from mixie import io as mio
+from mixie.cluster.topics import dataset_dir
+from mixie.data.dataset import open_dataset
 from mixie.errors import MixieError, check
 from mixie.route.fallback import FallbackConfig, Policy
 from mixie.route.router import RouteResult, Router, embed_queries
@@ -72,9 +74,6 @@ def choose_threshold(confidence_n: np.ndarray, hit_n: np.ndarray, rule: str, tar
 def calibration_set(config, min_tokens: int) -> tuple[list[np.ndarray], np.ndarray]:
   """Token ids and topics of the calibration documents: a fixed-seed (`config.seed`) subset of
   `route.calibrate_docs` documents of the `train` split with at least `min_tokens` tokens."""
-  from mixie.cluster.topics import dataset_dir
-  from mixie.data.dataset import open_dataset
-
   src = open_dataset(dataset_dir(config.workdir), "train")
   idx = np.flatnonzero(src.lengths >= min_tokens)
   check(idx.size > 0, f"{dataset_dir(config.workdir)}: no training document has {min_tokens} tokens "

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixie.errors import ConfigError, MixieError, check
+from mixie.errors import ConfigError, check
+from mixie.model.checkpoint import fingerprint
 from mixie.model.llama import LlamaConfig
 from mixie.model.lora import LoraConfig
 from mixie.route.fallback import LORA_ALL_KEY, Policy, apply_fallback, fallback_expert
@@ -36,27 +37,6 @@ from mixie.serve.batched import gather_experts, generate_rows
 from mixie.serve.cache import ExpertCache
 from mixie.serve.request_log import RequestLog, request_records
 from mixie.store import ExpertStore
-
-
-def lora_from_store(store: ExpertStore) -> LoraConfig:
-  """The `LoraConfig` of the store's experts (from its first expert's metadata)."""
-  topics = store.topics()
-  check(bool(topics), f"expert store {store.dir} holds no experts; train them first "
-        "(python -m mixie.train) or pass lora=", ConfigError)
-  m = store.meta(topics[0])
-  return LoraConfig(rank=int(m["rank"]), alpha=float(m["alpha"]), targets=tuple(m["targets"]))
-
-
-def load_matching(store: ExpertStore, topic: int, fingerprint: str | None, lora: LoraConfig):
-  """The expert of `topic` from `store`, refused (`MixieError`) unless it was trained on the base of
-  `fingerprint` and has `lora`'s rank, alpha and targets: experts served or scored together share them."""
-  tree, meta = store.load(topic, fingerprint)
-  if (int(meta["rank"]), float(meta["alpha"]), tuple(meta["targets"])) != \
-      (lora.rank, float(lora.alpha), tuple(lora.targets)):
-    raise MixieError(f"{store.entry_dir(topic)}: expert of topic {topic} has rank {meta['rank']}, alpha "
-                     f"{meta['alpha']}, targets {meta['targets']}; the other experts have rank "
-                     f"{lora.rank}, alpha {lora.alpha}, targets {list(lora.targets)}")
-  return tree
 
 
 @dataclasses.dataclass
@@ -108,11 +88,9 @@ class Server:
     self.store = store
     self.router = router
     self.embedder = embedder
-    self.lora = lora if lora is not None else lora_from_store(store)
-    if base_fingerprint is None:
-      from mixie.model.checkpoint import fingerprint
-      base_fingerprint = fingerprint(base_cfg, params)
-    self.base_fingerprint = base_fingerprint
+    self.lora = lora if lora is not None else store.lora()
+    self.base_fingerprint = (base_fingerprint if base_fingerprint is not None
+                             else fingerprint(base_cfg, params))
     if router is not None:
       check(router.cfg.mode != "oracle", "route.mode=oracle is for evaluation only; serving needs "
             "centroid, knn or topk", ConfigError)
@@ -134,8 +112,8 @@ class Server:
     """One expert from the store (the all-data LoRA for `LORA_ALL_KEY`), refused unless it matches
     this base and the serving LoRA config."""
     if topic == LORA_ALL_KEY:
-      return load_matching(self.lora_all_store, 0, self.base_fingerprint, self.lora)
-    return load_matching(self.store, topic, self.base_fingerprint, self.lora)
+      return self.lora_all_store.load(0, self.base_fingerprint, self.lora)[0]
+    return self.store.load(topic, self.base_fingerprint, self.lora)[0]
 
   # --- routing -------------------------------------------------------------------------------------
 
