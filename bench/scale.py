@@ -45,10 +45,10 @@ from mixie.cluster.topics import run_cluster  # noqa: E402
 from mixie.data.dataset import open_dataset  # noqa: E402
 from mixie.data.loader import PackedLoader  # noqa: E402
 from mixie.evaluate.run import evaluate  # noqa: E402
-from mixie.generate import make_server  # noqa: E402
 from mixie.model.checkpoint import fingerprint  # noqa: E402
 from mixie.model.load import load_base  # noqa: E402
 from mixie.route.run import build_router, expert_of_topic  # noqa: E402
+from mixie.serve.run import make_server  # noqa: E402
 from mixie.sharding import mesh_from_config  # noqa: E402
 from mixie.store import ExpertStore  # noqa: E402
 from mixie.train import loop as train_loop_mod  # noqa: E402

@@ -118,6 +118,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.route.knn_vote = "majority"  # knn: "majority" (one vote each) or "weighted" (exp(-d^2 / T) each)
   c.route.topk = 2  # topk: experts mixed
   c.route.temperature = 0.1  # topk: softmax(-d^2 / T) weights
+  # Fallback: a query whose routing confidence is below the threshold is served by a fallback model
+  # (serving, mixie.generate; evaluation reports coverage vs perplexity in workdir/eval/coverage.json).
+  c.route.fallback = "none"  # "none" (the routed expert serves all), "base", "lora_all" (workdir/lora_all)
+  c.route.confidence = "margin"  # what is thresholded: "margin" (distance to the nearest centroid of
+  # another expert minus to the nearest), "distance" (minus the nearest centroid's distance), "vote"
+  # (the knn vote share; route.mode = "knn" only)
+  c.route.min_confidence = 0.0  # the threshold when route.calibrate = ""; else chosen by calibration
+  # The threshold is chosen on a calibration split of TRAINING documents, never on held-out ones: a
+  # fixed-seed (c.seed) subset of route.calibrate_docs training documents, each routed on its prefix.
+  # They stay in training (carving them out would change every expert and every published number),
+  # which is sound because the rules use no expert's perplexity (in-sample on training documents),
+  # only whether the prefix route reaches the document's own topic's expert; one document's pull on a
+  # centroid fit on a whole topic's full-document embeddings is ~1/topic size (mixie.route.calibrate).
+  c.route.calibrate = "precision"  # "" (use min_confidence), "precision" (the lowest threshold whose
+  # covered calibration documents reach their own topic's expert at a rate >= calibrate_target: the
+  # most coverage at that routing precision), "coverage" (the threshold covering calibrate_target of them)
+  c.route.calibrate_target = 0.9  # target routing precision (or coverage), in (0, 1]
+  c.route.calibrate_docs = 1000  # training documents in the calibration split (all when fewer)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.prefix_tokens = (16, 32)  # P: route on the first P tokens, score perplexity after P only
@@ -131,4 +149,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.generate.top_p = 1.0  # nucleus sampling
   c.generate.top_k = 0  # 0 = off
   c.generate.cache_experts = 16  # on-device expert cache slots (LRU)
+
+  c.serve = ml_collections.ConfigDict()
+  # request log of the serving API and mixie.generate: one JSON line per prompt, appended (no raw text;
+  # schema in mixie.serve.request_log); a relative path is under workdir; "" = off
+  c.serve.log_path = "logs/requests.jsonl"
+
+  # --- monitor: python -m mixie.monitor summarises the request log (mixie.monitor) -------------------
+  c.monitor = ml_collections.ConfigDict()
+  c.monitor.log_path = ""  # the log to read; "" = serve.log_path
+  c.monitor.window_s = 3600.0  # length of a time window in seconds (traffic, low-confidence share, drift)
+  c.monitor.reference_requests = 200  # drift reference: the log's first requests (by time)
+  c.monitor.min_window_requests = 30  # windows with fewer requests are reported but not tested for drift
+  c.monitor.drift_ks = 0.25  # drift flag: KS distance of a window's nearest-centroid distances to the
+  # reference's at least this (an effect size) ...
+  c.monitor.drift_p = 0.01  # ... and the KS test's p-value below this
+  c.monitor.dead_min_expected = 5.0  # dead-expert flag: no request served although the expert's
+  # training share of the traffic predicts at least this many (fewer: reported as unused, not flagged)
   return c

@@ -32,8 +32,20 @@ import numpy as np
 
 from mixie import distributed as dist
 from mixie import io as mio
+from mixie.cluster import kmeans as km
+from mixie.cluster.embed import make_embedder, validate_cluster_embed_config
+from mixie.cluster.hdbscan import umap_hdbscan
+from mixie.cluster.kmeans import METRICS
+from mixie.cluster.metrics import cluster_quality
 from mixie.cluster.steps import StepLog, plain, step_settings
+from mixie.data import dataset as ds
+from mixie.data.corpus import load_corpus, validate_data_config
+from mixie.data.dataset import topic_token_counts
+from mixie.data.loader import resolve_small_topics
 from mixie.errors import ConfigError, MixieError, check
+from mixie.model.llama import PRESETS
+from mixie.model.load import has_shipped_vocab, load_base, load_tokenizer
+from mixie.sharding import make_mesh
 
 METHODS = ("kmeans", "hdbscan")
 
@@ -113,10 +125,6 @@ def _int(c, section, field, lo):
 
 def validate_config(config) -> None:
   """Checks the settings this stage uses before any work; `ConfigError` names the field."""
-  from mixie.cluster.embed import validate_cluster_embed_config
-  from mixie.cluster.kmeans import METRICS
-  from mixie.data.corpus import validate_data_config
-
   if not config.get("workdir"):
     raise ConfigError("workdir must be set (--workdir or config.workdir)")
   validate_data_config(config.data)
@@ -134,9 +142,6 @@ def validate_config(config) -> None:
   if cc.balanced_max_size and not float(cc.balanced_max_size) >= 1.0:
     raise ConfigError(f"cluster.balanced_max_size must be 0 (off) or >= 1, got {cc.balanced_max_size!r}")
   if config.model.source == "random":  # the dataset is tokenized with the shipped SmolLM2 tokenizer
-    from mixie.model.llama import PRESETS
-    from mixie.model.load import has_shipped_vocab
-
     preset = PRESETS.get(config.model.preset)
     if preset is not None and not has_shipped_vocab(preset):
       raise ConfigError(
@@ -167,8 +172,6 @@ def stage_mesh(config, local: bool = False):
   """The mesh of this stage: every device on `data` (batches and points are sharded over it), times the
   config's `model` axis (a base too large to replicate is sharded over it by `mesh.rules`). `local`:
   this process's devices only (the embedding pass, where every process embeds its own documents)."""
-  from mixie.sharding import make_mesh
-
   shape = dict(zip(tuple(config.mesh.axes), tuple(config.mesh.shape)))
   model = shape.get("model", 1)
   model = model if isinstance(model, int) and model > 0 else 1
@@ -177,8 +180,6 @@ def stage_mesh(config, local: bool = False):
 
 def _base_tokenizer(model_cfg):
   """The base model's tokenizer alone (no weights loaded) for tokenizing the dataset."""
-  from mixie.model.load import load_tokenizer
-
   return load_tokenizer(model_cfg.source, model_cfg.path, model_cfg.get("preset", ""))
 
 
@@ -204,7 +205,6 @@ def run_cluster(config, *, log=print) -> dict[str, Any]:
 
   def get_corpus():
     if not corpus:
-      from mixie.data.corpus import load_corpus
       corpus.append(load_corpus(config.data))
       _check_against_corpus(config, int((~corpus[0].heldout).sum()))
     return corpus[0]
@@ -229,13 +229,10 @@ def run_cluster(config, *, log=print) -> dict[str, Any]:
 def _embed_step(config, steps: StepLog, t0: float, get_corpus, log) -> None:
   """Embeds the corpus (each process its share, on its own devices) and saves the vectors and the
   embedder (process 0)."""
-  from mixie.cluster.embed import make_embedder
-
   cc, corp = config.cluster, get_corpus()
   mesh = stage_mesh(config, local=dist.multi_process())
   base = None
   if cc.embedder == "base":
-    from mixie.model.load import load_base
     base = load_base(config.model, mesh=mesh, rules=tuple(config.mesh.rules), seed=config.seed)
   train_texts = [corp.texts[i] for i in corp.train_indices()]
   log(f"mixie.cluster: embedding {len(corp)} documents with {cc.embedder} (first {cc.embed_tokens} tokens)")
@@ -272,8 +269,6 @@ def _cluster_step(config, steps: StepLog, t0: float, get_corpus, log) -> None:
 
 def _dataset_step(config, steps: StepLog, t0: float, corp, log) -> None:
   """Tokenizes the corpus and writes the clustered dataset (process 0 only: the caller's `on_main`)."""
-  from mixie.data import dataset as ds
-
   topics = load_topics(config.workdir)
   if list(topics.doc_ids) != list(corp.ids):
     raise MixieError(f"{steps.dir}: the corpus changed since it was embedded (document ids differ); "
@@ -288,8 +283,6 @@ def _dataset_step(config, steps: StepLog, t0: float, corp, log) -> None:
 
 def _summary(config, steps: StepLog) -> dict[str, Any]:
   """The stage's JSON-able summary (and `small_topics.json`, written by process 0)."""
-  from mixie.data import dataset as ds
-
   out, cc = dataset_dir(config.workdir), config.cluster
   topics = load_topics(config.workdir)
   small = _small_topics_report(config, out, topics)
@@ -310,15 +303,12 @@ def _summary(config, steps: StepLog) -> dict[str, Any]:
 def _fit_topics(config, x_nd: np.ndarray, mesh, log):
   """The clustering of the training points (k-means on `mesh`, or UMAP + HDBSCAN on the host): the
   result (`centroids_kd`, `assign_n`) and the extra fields of the step's marker."""
-  from mixie.cluster import kmeans as km
-
   cc = config.cluster
   if cc.method == "kmeans":
     r = km.kmeans(x_nd, cc.k, metric=cc.metric, n_init=cc.n_init, max_iters=cc.max_iters,
                   tol=float(cc.tol), balanced_max_size=float(cc.balanced_max_size), chunk=cc.chunk,
                   seed=config.seed, mesh=mesh)
     return r, {"inertia": r.inertia, "iterations": r.n_iter}
-  from mixie.cluster.hdbscan import umap_hdbscan
   r = umap_hdbscan(x_nd, umap_dim=cc.umap_dim, umap_neighbors=cc.umap_neighbors,
                    min_cluster_size=cc.min_cluster_size, metric=cc.metric, seed=config.seed, chunk=cc.chunk)
   log(f"mixie.cluster: HDBSCAN found {r.num_topics} topics ({r.num_noise} noise points joined "
@@ -329,9 +319,6 @@ def _fit_topics(config, x_nd: np.ndarray, mesh, log):
 def _write_topics(config, steps, t0, e: dict, r, extra: dict, mesh) -> None:
   """Assigns the held-out documents (on every process: a collective) and writes the cluster step's
   files and marker (process 0)."""
-  from mixie.cluster import kmeans as km
-  from mixie.cluster.metrics import cluster_quality
-
   cc, d = config.cluster, steps.dir
   x_nd, train = e["emb_nd"], ~e["heldout"]
   centroids = r.centroids_kd
@@ -362,8 +349,6 @@ def _write_topics(config, steps, t0, e: dict, r, extra: dict, mesh) -> None:
 
 def _dataset_ok(out, log) -> bool:
   """Whether the clustered dataset is complete and intact (shard sizes as the manifest says)."""
-  from mixie.data import dataset as ds
-
   if ds.dataset_status(out) != "complete":
     return False
   try:
@@ -377,9 +362,6 @@ def _dataset_ok(out, log) -> bool:
 
 def _small_topics_report(config, out, topics: Topics) -> dict:
   """Topics with fewer tokens than one training batch (b x T) and what `dataset.small_topics` does."""
-  from mixie.data.dataset import topic_token_counts
-  from mixie.data.loader import resolve_small_topics
-
   counts = topic_token_counts(out, "train")
   try:
     _, report = resolve_small_topics(counts, topics.centroids_kd, _min_batch_tokens(config),
