@@ -61,7 +61,9 @@ def test_scale_500_per_expert_host_work_stays_flat(tmp_path):
 
 
 def test_table_and_plot_show_the_largest_topics_only():
-  from mixie.evaluate.run import SHOWN_TOPICS, format_table, plot_png, shown_topics
+  """With thousands of topics the table and the figure show the 12 with the most documents."""
+  from mixie.evaluate.plots import SHOWN_TOPICS, plot_perplexity, shown_topics
+  from mixie.evaluate.run import format_table
 
   k, rows = 40, ["base", "centroid"]
   docs = {str(t): 1 + (t * 7) % 13 for t in range(k)}
@@ -77,4 +79,6 @@ def test_table_and_plot_show_the_largest_topics_only():
   assert f"the {SHOWN_TOPICS} of {k} topics" in text
   head = next(l for l in text.splitlines() if l.startswith("P=8")).split()
   assert [head[i + 1] for i, w in enumerate(head) if w == "topic"] == shown
-  assert plot_png(res)[:4] == b"\x89PNG"
+  fig = plot_perplexity(res)
+  bars = [p for ax in fig.axes for p in ax.patches]
+  assert len(bars) == len(rows) * (1 + SHOWN_TOPICS)  # "all" and the shown topics, one bar per row
