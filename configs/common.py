@@ -16,8 +16,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.source = "gguf"  # "gguf" (a .gguf file), "hf" (config.json + *.safetensors dir), "random"
   c.model.path = ""  # checkpoint file/dir; "" with source=gguf means the shipped SmolLM2-135M GGUF
   c.model.preset = ""  # with source=random: a preset name from mixie.model.llama.PRESETS
-  c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
-  c.model.param_dtype = "float32"  # storage dtype of the base: float32 or bfloat16
+  c.model.dtype = "float32"  # compute dtype: float32, bfloat16 or float16 (mixie.dtypes.DTYPES)
+  c.model.param_dtype = "float32"  # storage dtype of the base: float32, bfloat16 or float16
   c.model.attention_impl = ""  # "" lets JAX pick (cuDNN on GPU); "xla" or "cudnn" to force
   c.model.remat = False  # rematerialise layers in the backward pass (long sequences, big bases)
 

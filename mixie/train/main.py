@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from mixie import io as mio
+from mixie.dtypes import check_model_dtypes
 from mixie.errors import ConfigError, check
 from mixie.model.lora import LoraConfig
 from mixie.sharding import make_mesh, mesh_from_config
@@ -40,7 +41,6 @@ from mixie.train.scheduler import BUDGETS, ExpertScheduler, token_budgets
 from mixie.train.step import MODES, TrainSpec, base_shardings
 
 BASELINES = ("lora_all", "full")
-DTYPES = ("float32", "bfloat16")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -80,9 +80,7 @@ def validate_config(config, devices=None) -> None:
     raise ConfigError(f"train.budget must be one of {BUDGETS}, got {t.budget!r}")
   LoraConfig.from_config(config.lora)  # rank >= 1, known targets, dropout in [0, 1)
   optim.OptConfig.from_config(t)  # lr, betas, clip, schedule
-  for f in ("dtype", "param_dtype"):
-    if config.model[f] not in DTYPES:
-      raise ConfigError(f"model.{f} must be one of {DTYPES}, got {config.model[f]!r}")
+  check_model_dtypes(config.model)
   axes = tuple(config.mesh.axes)
   for a in ("expert", "data"):
     if a not in axes:
@@ -253,7 +251,7 @@ def run(config, *, log=print, stop: Callable[[], bool] | None = None) -> dict[st
   T = int(config.dataset.seq_len)
   data = open_train_data(config, int(config.train.batch_per_slot) * T)
   stop = stop or _stopper()
-  metrics = MetricsWriter(wd / "metrics.jsonl", tb_dir=wd / "tensorboard")
+  metrics = MetricsWriter(wd / "metrics.jsonl", tb_dir=wd / "tensorboard", log=log)
   summary: dict[str, Any] = {"workdir": str(wd), "base_fingerprint": fp, "runs": {}}
   modes = [config.train.mode] + [b for b in tuple(config.train.baselines) if b != config.train.mode]
   try:
