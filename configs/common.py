@@ -32,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_docs = 0  # 0 = all; else the first max_docs kept (shipped summaries: in title-hash order)
   c.data.heldout_fraction = 0.05  # fraction of documents held out (by document id, fixed seed)
   c.data.heldout_seed = 0  # salt of the held-out hash; fixed apart from c.seed so runs share one split
+  # refuse the corpus when more than this share of the records read is unusable (bad JSON, no text
+  # field, empty or non-UTF-8 text; exact duplicates do not count); the error names the first such record
+  c.data.max_bad_fraction = 0.01
 
   # --- topics: embed + cluster ----------------------------------------------------------------------
   c.cluster = ml_collections.ConfigDict()

@@ -290,8 +290,9 @@ def run_cluster(config, *, log=print) -> dict[str, Any]:
   def get_corpus():
     nonlocal corpus
     if corpus is None:
-      from mixie.data.corpus import load_corpus
+      from mixie.data.corpus import corpus_report, load_corpus
       corpus = load_corpus(config.data)
+      log(f"mixie.cluster: {corpus_report(config.data, corpus.stats)}")
       _check_against_corpus(config, int((~corpus.heldout).sum()))
     return corpus
 
