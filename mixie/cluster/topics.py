@@ -33,6 +33,7 @@ import numpy as np
 
 from mixie import io as mio
 from mixie.errors import ConfigError, MixieError, check
+from mixie.validate import check_run_inputs
 
 METHODS = ("kmeans", "hdbscan")
 STEPS = ("embed", "cluster", "dataset")
@@ -147,6 +148,7 @@ def validate_config(config) -> None:
   if cc.method == "kmeans" and max_docs and cc.k > max_docs:
     raise ConfigError(f"cluster.k={cc.k} is larger than data.max_docs={max_docs}: "
                       "k-means needs at least k documents")
+  check_run_inputs(config)  # corpus, base headers, tokenizer: a bad input fails before any compute
 
 
 def _check_against_corpus(config, n_train: int) -> None:

@@ -303,6 +303,15 @@ def _raw_source(data_cfg) -> Iterator[_Raw]:
                    data_cfg.label_field)
 
 
+def check_corpus(data_cfg) -> None:
+  """The corpus the `data` section names is there: its files resolve (or its TFDS dataset opens),
+  without reading a document. `ConfigError` / `MixieError` naming the field or path."""
+  validate_data_config(data_cfg)
+  raw = _raw_source(data_cfg)  # files are resolved here
+  if data_cfg.source == "tfds":
+    next(iter(raw), None)  # opens the dataset (first records only)
+
+
 def _describe(data_cfg) -> str:
   return "the shipped Wikipedia summaries" if data_cfg.source == "wiki_summaries" else (
       f"data.path={data_cfg.path!r} ({data_cfg.source})")

@@ -102,11 +102,7 @@ def validate_config(config, devices=None) -> None:
       raise ConfigError(f"{config.workdir}/topics or /dataset is missing and train.run_missing=False: "
                         "run `python -m mixie.cluster --config=...` first, or set train.run_missing=True")
     from mixie.cluster.topics import validate_config as validate_cluster
-    validate_cluster(config)
-    d = config.data
-    if d.source in ("jsonl", "text") and d.path and not any(ch in d.path for ch in "*?["):
-      if not mio.path(d.path).exists():
-        raise ConfigError(f"data.path={d.path!r} does not exist: the missing topics cannot be built")
+    validate_cluster(config)  # also checks the corpus, the base's headers and its tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------
