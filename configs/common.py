@@ -90,6 +90,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.run_missing = True  # run the cluster stage when workdir/topics or workdir/dataset is missing
   c.train.keep_checkpoints = 2  # newest checkpoints kept per training run
   c.train.eval_after = True  # end with the held-out perplexity table (base, baselines, experts)
+  # divergence (host-side, on the metrics of every step; see mixie.train.divergence): an expert has
+  # diverged when its loss ends far above where it started, or when its gradient is exactly zero for
+  # several steps in a row (collapsed logits); diverged experts are named in the log, train_summary.json
+  # and the evaluation table
+  c.train.divergence_window = 3  # steps averaged at the start and at the end of an expert (0 = no loss test)
+  c.train.divergence_margin = 1.0  # nats: end mean loss above the start mean by more = diverged
+  c.train.divergence_zero_grad_steps = 3  # consecutive steps of gradient norm exactly 0 = diverged (0 = off)
+  c.train.allow_divergence = False  # False: a run with a diverged expert exits non-zero after evaluating
   c.train.ce_chunk = 1024  # tokens per chunk of LM head + loss, recomputed in backward (no [b,T,V] logits);
   # a slot whose b x T tokens fit in one chunk keeps its logits instead
 

@@ -54,6 +54,7 @@ def test_scheduler_refills_slots_and_each_stored_expert_equals_training_it_alone
   base = tiny_base()
   res, store = _loop(tmp_path, "run", base)
   assert res.status == "finished" and store.topics() == TOPICS
+  assert res.diverged == {}  # a normal run: no expert flagged as diverged
   budgets = _budgets()
   for t in TOPICS:
     params, meta = store.load(t, "fp-test")

@@ -177,10 +177,10 @@ def _glob_files(spec: str, patterns: tuple[str, ...], what: str) -> list:
     i = next(i for i, s in enumerate(parts) if any(c in s for c in _GLOB_CHARS))
     base = "/".join(parts[:i]) or ("/" if spec.startswith("/") else ".")
     files = sorted(p for p in _path(base).glob("/".join(parts[i:])) if p.is_file())
-    check(bool(files), f"data.path={spec!r}: no {what} file matches this pattern")
+    check(bool(files), f"data.path={spec!r}: no {what} file matches this pattern", ConfigError)
     return files
   p = _path(spec)
-  check(p.exists(), f"data.path={spec!r}: no such file or directory")
+  check(p.exists(), f"data.path={spec!r}: no such file or directory", ConfigError)
   if p.is_dir():
     files = sorted(root / name for root, _, names in p.walk() for name in names
                    if any(fnmatch.fnmatch(name, pat) for pat in patterns))
@@ -297,7 +297,8 @@ def _raw_source(data_cfg) -> Iterator[_Raw]:
     return _jsonl_raw(files, data_cfg.text_field, data_cfg.label_field)
   if src == "text":
     p = _path(data_cfg.path)
-    check(p.exists() and p.is_dir(), f"data.path={data_cfg.path!r}: no such directory (data.source=text)")
+    check(p.exists() and p.is_dir(), f"data.path={data_cfg.path!r}: no such directory (data.source=text)",
+          ConfigError)
     return _text_raw(_glob_files(data_cfg.path, ("*.txt",), ".txt"), data_cfg.path)
   return _tfds_raw(data_cfg.path, data_cfg.split, data_cfg.data_dir, data_cfg.text_field,
                    data_cfg.label_field)

@@ -36,7 +36,7 @@ from mixie.errors import ConfigError, check
 from mixie.model.lora import LoraConfig
 from mixie.sharding import make_mesh, mesh_from_config
 from mixie.store import ExpertStore, save_tree
-from mixie.train import optim
+from mixie.train import divergence, optim
 from mixie.train.scheduler import BUDGETS, ExpertScheduler, token_budgets
 from mixie.train.step import MODES, TrainSpec, base_shardings
 
@@ -80,6 +80,7 @@ def validate_config(config, devices=None) -> None:
     raise ConfigError(f"train.budget must be one of {BUDGETS}, got {t.budget!r}")
   LoraConfig.from_config(config.lora)  # rank >= 1, known targets, dropout in [0, 1)
   optim.OptConfig.from_config(t)  # lr, betas, clip, schedule
+  divergence.DivergenceRule.from_config(t)  # divergence_*, allow_divergence
   check_model_dtypes(config.model)
   axes = tuple(config.mesh.axes)
   for a in ("expert", "data"):
@@ -202,7 +203,7 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
   res = train_loop(spec, run_mesh, rules, run_base, loader, sched, ckpt_dir=wd / "checkpoints" / mode,
                    store=store, fingerprint=fp, tokens_per_step=b * T, checkpoint_every=t.checkpoint_every,
                    log_every=t.log_every, max_steps=t.max_steps, metrics=metrics, expert_meta=meta, stop=stop,
-                   keep_checkpoints=t.keep_checkpoints)
+                   keep_checkpoints=t.keep_checkpoints, divergence=divergence.DivergenceRule.from_config(t))
   if mode == "full" and res.status == "finished" and not (wd / "full" / "meta.json").exists() \
       and jax.process_index() == 0:
     from mixie.model.checkpoint import fingerprint
@@ -258,6 +259,7 @@ def run(config, *, log=print, stop: Callable[[], bool] | None = None) -> dict[st
                                "seconds": round(res.seconds, 1),
                                "tokens_per_s": round(res.tokens / res.seconds, 1) if res.seconds else None}
       res.state = None
+      summary["runs"][mode]["diverged"] = divergence.note(wd, mode, res.diverged, log)
       if res.status == "preempted":
         log(f"mixie.train: SIGTERM: saved a checkpoint of {mode!r} at step {res.step} in "
             f"{wd / 'checkpoints' / mode}; rerun the same command to resume")
@@ -275,10 +277,14 @@ def run(config, *, log=print, stop: Callable[[], bool] | None = None) -> dict[st
     log(format_table(results))
     summary["eval"] = {"ppl": {p: tab["ppl"] for p, tab in results["by_prefix"].items()},
                        "docs": results["docs"], "rows": results["rows"]}
-  summary["status"] = "finished"
+  summary["diverged"] = divergence.load(wd)
+  refuse = bool(summary["diverged"]) and not config.train.allow_divergence
+  summary["status"] = "diverged" if refuse else "finished"
   summary["seconds"] = round(time.time() - t_start, 1)
   mio.atomic_write_json(wd / "train_summary.json", summary)
   log(f"mixie.train: done in {summary['seconds']:.0f}s; experts in {wd / 'experts'}")
+  if refuse:
+    raise divergence.Diverged(divergence.refusal(summary["diverged"]))
   return summary
 
 
