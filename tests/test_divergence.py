@@ -4,6 +4,7 @@ keeping the verdict over a resume), and the main job exiting non-zero with the e
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def test_main_job_forced_divergence_exits_non_zero(tiny_run, tmp_path):
   for sub in ("topics", "dataset"):  # the same topics and dataset: no cluster stage
     shutil.copytree(normal / sub, w / sub)
   over = {**tiny_run["overrides"], "train.lr": 1000.0, "train.grad_clip": 0.0, "train.eval_after": True,
-          "eval.prefix_tokens": "(4,)"}
+          "eval.prefix_tokens": "(4,)", "eval.max_docs": 8}
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   env.pop("XLA_FLAGS", None)
 
@@ -124,7 +125,10 @@ def test_main_job_forced_divergence_exits_non_zero(tiny_run, tmp_path):
   assert summary["status"] == "diverged" and [d["expert"] for d in summary["diverged"]] == [0, 1, 2, 3]
   assert sorted(summary["runs"]["experts"]["diverged"]) == ["0", "1", "2", "3"]
   assert json.loads((w / "eval" / "results.json").read_text())["diverged"] == summary["diverged"]
-  assert "topic 0!" in r.stdout and "! diverged in training (experts [0, 1, 2, 3];" in r.stdout
+  head = next(l for l in r.stdout.splitlines() if l.startswith("P=4"))
+  marks = re.findall(r"topic \d+(!?)", head)  # every topic's expert diverged: every column marked
+  assert marks and set(marks) == {"!"}
+  assert "! diverged in training (experts [0, 1, 2, 3];" in r.stdout
   # allowed: the verdicts come back from the finished checkpoint, named, and the run exits 0
   r = run(**{"train.allow_divergence": True, "train.eval_after": False})
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
