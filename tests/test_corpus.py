@@ -114,7 +114,7 @@ def test_bad_records_are_reported_and_too_many_refused(tmp_path):
   c = corpus_lib.load_corpus(_cfg(source="jsonl", path=str(f), heldout_fraction=0.0, max_bad_fraction=0.1))
   assert len(c) == 30 and c.stats["first_bad"] == {"where": f"{f}:32", "cause": "malformed"}
   assert corpus_lib.corpus_report(_cfg(source="jsonl", path=str(f)), c.stats) == (
-      f"corpus data.path={str(f)!r} (jsonl): 34 records read, 30 kept (0 held out), 4 dropped: "
+      f"data.path={str(f)!r} (jsonl): 34 records read, 30 kept (0 held out), 4 dropped: "
       f"1 empty text, 1 exact duplicate, 1 bad JSON or non-string text, 1 no text field; the first is "
       f"{f}:32 (bad JSON or non-string text)")
   for frac in (None, 0.08):
@@ -128,8 +128,8 @@ def test_bad_records_are_reported_and_too_many_refused(tmp_path):
         f"of them; the first is {f}:32 (bad JSON or non-string text). Fix or remove those records, "
         "or raise data.max_bad_fraction")
   good = corpus_lib.load_corpus(_cfg(source="wiki_summaries", max_docs=50))
-  assert corpus_lib.corpus_report(_cfg(), good.stats).endswith(
-      f"50 records read, 50 kept ({good.stats['heldout']} held out, stopped at data.max_docs), none dropped")
+  assert corpus_lib.corpus_report(_cfg(), good.stats) == (
+      f"the shipped Wikipedia summaries: 50 records read, 50 kept ({good.stats['heldout']} held out, stopped at data.max_docs), none dropped")
   with pytest.raises(ConfigError, match="data.max_bad_fraction=1.5"):
     corpus_lib.load_corpus(_cfg(max_bad_fraction=1.5))
 

@@ -116,8 +116,8 @@ def test_main_job_forced_divergence_exits_non_zero(tiny_run, tmp_path):
   r = run()
   assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
   err = r.stderr.strip().splitlines()
-  assert err[-1].startswith("mixie: error: 4 trained expert(s) diverged (experts 0, experts 1, experts 2, "
-                            "experts 3;") and "train.allow_divergence=True" in err[-1]
+  assert err[-1].startswith("mixie: error: 4 trained expert(s) diverged (expert 0, expert 1, expert 2, "
+                            "expert 3;") and "train.allow_divergence=True" in err[-1]
   assert "Traceback" not in r.stderr
   for t in range(4):
     assert f"mixie.train[experts]: DIVERGED: expert of topic {t}: gradient norm exactly 0" in r.stdout

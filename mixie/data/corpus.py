@@ -398,7 +398,7 @@ def _first_bad(stats: dict[str, Any]) -> str:
 def corpus_report(data_cfg, stats: dict[str, Any]) -> str:
   """One line: records read, kept (held out) and dropped by cause, and the first unusable record."""
   dropped = sum(stats.get(k, 0) for k in DROP_CAUSES)
-  line = (f"corpus {_describe(data_cfg)}: {stats['read']} records read, {stats['kept']} kept "
+  line = (f"{_describe(data_cfg)}: {stats['read']} records read, {stats['kept']} kept "
           f"({stats['heldout']} held out"
           f"{', stopped at data.max_docs' if stats.get('max_docs_reached') else ''}), ")
   if not dropped:

@@ -108,7 +108,7 @@ class DivergenceMonitor:
 
 def refusal(diverged: list[dict[str, Any]]) -> str:
   """The error of a run whose experts diverged (`load`'s list) and that does not allow it."""
-  names = ", ".join(f"{d['run']} {d['expert']}" if d["run"] == "experts" else d["run"] for d in diverged)
+  names = ", ".join(f"expert {d['expert']}" if d["run"] == "experts" else d["run"] for d in diverged)
   return (f"{len(diverged)} trained expert(s) diverged ({names}; why: train_summary.json, "
           f"{DIVERGENCE_JSON}). Lower train.lr or set train.grad_clip > 0 and train again in a fresh "
           "workdir, or set train.allow_divergence=True to keep them")
@@ -157,4 +157,4 @@ def table_marks(results: dict[str, Any]) -> tuple[set[str], set[str], str | None
     return rows, topics, None
   what = [f"experts {sorted(experts)}"] if experts else []
   return rows, topics, (f"{MARK} diverged in training ({', '.join(what + sorted(rows))}; see "
-                        f"{DIVERGENCE_JSON}): a topic column marked {MARK} is scored with such an expert")
+                        f"{DIVERGENCE_JSON}); topic {MARK}: that topic's own expert diverged")
