@@ -68,9 +68,9 @@ def test_scheduler_refills_slots_and_each_stored_expert_equals_training_it_alone
   for t in TOPICS:
     params, meta = store.load(t, "fp-test")
     steps = -(-budgets[t] // (B * T))
-    assert meta["tokens_seen"] == steps * B * T and meta["centroid"] == [float(t), 0.5]
-    assert meta["rank"] == SPEC.lora.rank and meta["targets"] == list(SPEC.lora.targets)
-    assert np.isfinite(meta["final_loss"])
+    assert meta.tokens_seen == steps * B * T and meta.centroid == (float(t), 0.5)
+    assert meta.has_shape(SPEC.lora) and meta.mode == "experts" and meta.kind == "expert"
+    assert np.isfinite(meta.final_loss)
     # the same expert trained alone in one slot for the same number of steps on the same stream
     st = create_state(spec1, mesh(), RULES, base, [t], [steps], comp)
     for s in range(steps):
