@@ -11,8 +11,7 @@ import json
 import sys
 from typing import Any, Callable, Mapping
 
-import jax
-
+from mixie.distributed import is_main_process
 from mixie.io import PathLike, atomic_write_text, path as _path
 
 
@@ -42,7 +41,7 @@ class MetricsWriter:
 
   def __init__(self, path: PathLike, tb_dir: PathLike | None = None, log: Callable[[str], Any] = print):
     self.path = _path(path)
-    self.enabled = jax.process_index() == 0
+    self.enabled = is_main_process()
     self._tb = None
     if self.enabled and tb_dir is not None:
       cls = tensorboard_writer_class()
