@@ -16,8 +16,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.source = "gguf"  # "gguf" (a .gguf file), "hf" (config.json + *.safetensors dir), "random"
   c.model.path = ""  # checkpoint file/dir; "" with source=gguf means the shipped SmolLM2-135M GGUF
   c.model.preset = ""  # with source=random: a preset name from mixie.model.llama.PRESETS
-  c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
-  c.model.param_dtype = "float32"  # storage dtype of the base: float32 or bfloat16
+  c.model.dtype = "float32"  # compute dtype: float32, bfloat16 or float16 (mixie.dtypes.DTYPES)
+  c.model.param_dtype = "float32"  # storage dtype of the base: float32, bfloat16 or float16
   c.model.attention_impl = ""  # "" lets JAX pick (cuDNN on GPU); "xla" or "cudnn" to force
   c.model.remat = False  # rematerialise layers in the backward pass (long sequences, big bases)
 
@@ -32,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_docs = 0  # 0 = all; else the first max_docs kept (shipped summaries: in title-hash order)
   c.data.heldout_fraction = 0.05  # fraction of documents held out (by document id, fixed seed)
   c.data.heldout_seed = 0  # salt of the held-out hash; fixed apart from c.seed so runs share one split
+  # refuse the corpus when more than this share of the records read is unusable (bad JSON, no text
+  # field, empty or non-UTF-8 text; exact duplicates do not count); the error names the first such record
+  c.data.max_bad_fraction = 0.01
 
   # --- topics: embed + cluster ----------------------------------------------------------------------
   c.cluster = ml_collections.ConfigDict()
@@ -87,6 +90,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.run_missing = True  # run the cluster stage when workdir/topics or workdir/dataset is missing
   c.train.keep_checkpoints = 2  # newest checkpoints kept per training run
   c.train.eval_after = True  # end with the held-out perplexity table (base, baselines, experts)
+  # divergence (host-side, on the metrics of every step; see mixie.train.divergence): an expert has
+  # diverged when its loss ends far above where it started, or when its gradient is exactly zero for
+  # several steps in a row (collapsed logits); diverged experts are named in the log, train_summary.json
+  # and the evaluation table
+  c.train.divergence_window = 3  # steps averaged at the start and at the end of an expert (0 = no loss test)
+  c.train.divergence_margin = 1.0  # nats: end mean loss above the start mean by more = diverged
+  c.train.divergence_zero_grad_steps = 3  # consecutive steps of gradient norm exactly 0 = diverged (0 = off)
+  c.train.allow_divergence = False  # False: a run with a diverged expert exits non-zero after evaluating
   c.train.ce_chunk = 1024  # tokens per chunk of LM head + loss, recomputed in backward (no [b,T,V] logits);
   # a slot whose b x T tokens fit in one chunk keeps its logits instead
 

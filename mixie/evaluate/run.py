@@ -59,6 +59,7 @@ from mixie.route.router import MODES, RouteResult, RouterConfig, embed_queries
 from mixie.route.run import build_routers, expert_of_topic
 from mixie.serve.cache import ExpertCache
 from mixie.store import load_tree, run_store
+from mixie.train import divergence
 
 ROUTED_MODES = tuple(m for m in MODES if m != "oracle")  # what a router chooses alone (oracle is a row)
 RESULTS_JSON = "results.json"
@@ -333,6 +334,7 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
       "lora": {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)},
       "base_fingerprint": fp, "pairs_scored": int(n_pairs), "scoring_seconds": round(score_s, 1),
       "seconds": round(time.time() - t_start, 1),
+      "diverged": divergence.load(wd),  # experts that diverged in training (marked in the table)
   }
   out = eval_dir(wd)
   mio.save_arrays(out / PER_DOC_NPZ, per_doc)
@@ -352,6 +354,8 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
 def format_table(results: dict[str, Any]) -> str:
   """The tables (one per P) as aligned text."""
   topics = [str(t) for t in results["topics"]]
+  bad_rows, bad_topics, footnote = divergence.table_marks(results)  # diverged in training: marked
+  mark = lambda name, bad: name + (divergence.MARK if bad else "")  # noqa: E731
 
   def line(label, overall, per_topic, acc=""):
     return f"{label:<10}{overall:>10}" + "".join(f"{v:>10}" for v in per_topic) + f"{acc:>7}"
@@ -360,12 +364,13 @@ def format_table(results: dict[str, Any]) -> str:
            "oracle = each document's own topic's expert; acc = routed to that expert)"]
   for p in results["prefix_tokens"]:
     tab = results["by_prefix"][str(p)]
-    head = line(f"P={p}", "overall", [f"topic {t}" for t in topics], "acc")
+    head = line(f"P={p}", "overall", [mark(f"topic {t}", t in bad_topics) for t in topics], "acc")
     lines += ["", head, "-" * len(head),
               line("docs", results["docs"], [tab["docs_per_topic"][t] for t in topics]),
               line("tokens", tab["tokens"], [tab["tokens_per_topic"][t] for t in topics])]
     for row in results["rows"]:
       acc = tab["routing_accuracy"][row]
       ppl = [f"{tab['ppl_per_topic'][row][t]:.3f}" for t in topics]
-      lines.append(line(row, f"{tab['ppl'][row]:.3f}", ppl, "-" if acc is None else f"{acc:.3f}"))
-  return "\n".join(lines)
+      lines.append(line(mark(row, row in bad_rows), f"{tab['ppl'][row]:.3f}", ppl,
+                        "-" if acc is None else f"{acc:.3f}"))
+  return "\n".join(lines + ([footnote] if footnote else []))

@@ -30,6 +30,7 @@ from mixie.distributed import is_main_process
 from mixie.errors import MixieError
 from mixie.store import ExpertMeta, ExpertStore
 from mixie.train import ckpt as ckpt_lib
+from mixie.train.divergence import DivergenceMonitor, DivergenceRule
 from mixie.train.metrics import MetricsWriter
 from mixie.train.scheduler import ExpertScheduler
 from mixie.train.step import TrainSpec, abstract_state, compile_fns, create_state
@@ -48,6 +49,7 @@ class LoopResult:
   seconds: float
   state: Any = None  # the final train state (on device)
   written: list = dataclasses.field(default_factory=list)  # topics written to the store by this call
+  diverged: dict = dataclasses.field(default_factory=dict)  # topic -> why, of every finished expert
 
 
 def _gather_slots(tree, slots: list[int]):
@@ -72,7 +74,8 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
                checkpoint_every: int = 50, log_every: int = 1, max_steps: int = 0,
                metrics: MetricsWriter | None = None, expert_meta: Callable[[int], Mapping] | None = None,
                stop: Callable[[], bool] | None = None, progress: bool = True,
-               on_saved: Callable[[int], None] | None = None, keep_checkpoints: int = 2) -> LoopResult:
+               on_saved: Callable[[int], None] | None = None, keep_checkpoints: int = 2,
+               divergence: DivergenceRule | None = None) -> LoopResult:
   """Trains until every scheduled expert reached its budget (or `max_steps`, or `stop()`).
 
   Args:
@@ -92,12 +95,14 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
     progress: show a tqdm bar with tokens/s.
     on_saved: called with the step after each checkpoint is saved (tests use it).
     keep_checkpoints: newest checkpoints kept.
+    divergence: when a finished expert counts as diverged (`LoopResult.diverged`); None: the defaults.
   """
   comp = compile_fns(spec, mesh, rules, jax.eval_shape(lambda: base))
   frozen = base if spec.lora_mode else None  # "full" trains the base itself
   ckpt = ckpt_lib.TrainCheckpointer(ckpt_dir, max_to_keep=keep_checkpoints)
   mode = spec.mode
   E = spec.slots
+  monitor = DivergenceMonitor(divergence or DivergenceRule())  # host floats of the metrics fetched anyway
   try:
     latest = ckpt.latest_step()
     if latest is not None:
@@ -107,6 +112,7 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
       if host.get("mode") != mode:
         raise MixieError(f"{ckpt.dir}: checkpoint of mode {host.get('mode')!r}, this run trains {mode!r}")
       scheduler.restore(host["scheduler"])
+      monitor.restore(host.get("divergence"))
       loader.restore(host["loader"])
       step, tokens_total = int(host["step"]), int(host["tokens"])
       if metrics is not None:
@@ -153,6 +159,7 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
         for e in range(E):
           if m["tokens"][e] > 0:
             last_loss[e] = float(m["loss"][e])
+            monitor.observe(p["topics"][e], last_loss[e], float(m["grad_norm"][e]))
         if metrics is not None and (p["step"] % log_every == 0 or p["final"]):
           now = time.time()
           active = m["tokens"] > 0
@@ -170,7 +177,7 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
       if ckpt.latest_step() == s:
         return
       host = {"mode": mode, "step": s, "tokens": tokens_total, "loader": loader.state(),
-              "scheduler": scheduler.state()}
+              "scheduler": scheduler.state(), "divergence": monitor.state()}
       ckpt.save(s, state, host)
       if on_saved is not None:
         ckpt.wait()
@@ -202,6 +209,7 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
         params = _gather_slots(state["params"], done)
         for i, e in enumerate(done):
           topic = scheduler.release(e)
+          monitor.finish(topic)
           if store is not None and is_main_process():
             expert = jax.tree.map(lambda x: x[i], params)
             meta = ExpertMeta.new(spec.lora, fingerprint, tokens_seen=scheduler.slot_tokens[e],
@@ -233,7 +241,8 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
       bar.close()
     ckpt.wait()
     return LoopResult(status=status, step=step, tokens=tokens_total - tok_start,
-                      seconds=time.time() - t_start, state=state, written=written)
+                      seconds=time.time() - t_start, state=state, written=written,
+                      diverged=dict(monitor.diverged))
   finally:
     ckpt.close()
 

@@ -36,6 +36,7 @@ from mixie.cluster.topics import validate_config as validate_cluster
 from mixie.data.dataset import dataset_status, open_dataset, topic_token_counts
 from mixie.data.loader import PackedLoader, resolve_small_topics
 from mixie.distributed import is_main_process
+from mixie.dtypes import check_model_dtypes
 from mixie.errors import ConfigError, check
 from mixie.evaluate.run import evaluate, format_table, validate_eval_config
 from mixie.model.checkpoint import fingerprint
@@ -43,14 +44,13 @@ from mixie.model.load import load_base
 from mixie.model.lora import LoraConfig
 from mixie.sharding import make_mesh, mesh_from_config
 from mixie.store import ExpertStore, save_tree
-from mixie.train import optim
+from mixie.train import divergence, optim
 from mixie.train.loop import train_loop
 from mixie.train.metrics import MetricsWriter
 from mixie.train.scheduler import BUDGETS, ExpertScheduler, token_budgets
 from mixie.train.step import MODES, TrainSpec, base_shardings
 
 BASELINES = ("lora_all", "full")
-DTYPES = ("float32", "bfloat16")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,9 +88,8 @@ def validate_config(config, devices=None) -> None:
     raise ConfigError(f"train.budget must be one of {BUDGETS}, got {t.budget!r}")
   LoraConfig.from_config(config.lora)  # rank >= 1, known targets, dropout in [0, 1)
   optim.OptConfig.from_config(t)  # lr, betas, clip, schedule
-  for f in ("dtype", "param_dtype"):
-    if config.model[f] not in DTYPES:
-      raise ConfigError(f"model.{f} must be one of {DTYPES}, got {config.model[f]!r}")
+  divergence.DivergenceRule.from_config(t)  # divergence_*, allow_divergence
+  check_model_dtypes(config.model)
   axes = tuple(config.mesh.axes)
   for a in ("expert", "data"):
     if a not in axes:
@@ -110,11 +109,7 @@ def validate_config(config, devices=None) -> None:
     if not t.run_missing:
       raise ConfigError(f"{config.workdir}/topics or /dataset is missing and train.run_missing=False: "
                         "run `python -m mixie.cluster --config=...` first, or set train.run_missing=True")
-    validate_cluster(config)
-    d = config.data
-    if d.source in ("jsonl", "text") and d.path and not any(ch in d.path for ch in "*?["):
-      if not mio.path(d.path).exists():
-        raise ConfigError(f"data.path={d.path!r} does not exist: the missing topics cannot be built")
+    validate_cluster(config)  # also checks the corpus, the base's headers and its tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -207,7 +202,7 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
   res = train_loop(spec, run_mesh, rules, run_base, loader, sched, ckpt_dir=wd / "checkpoints" / mode,
                    store=store, fingerprint=fp, tokens_per_step=b * T, checkpoint_every=t.checkpoint_every,
                    log_every=t.log_every, max_steps=t.max_steps, metrics=metrics, expert_meta=meta, stop=stop,
-                   keep_checkpoints=t.keep_checkpoints)
+                   keep_checkpoints=t.keep_checkpoints, divergence=divergence.DivergenceRule.from_config(t))
   if mode == "full" and res.status == "finished" and not (wd / "full" / "meta.json").exists() \
       and is_main_process():
     params = jax.tree.map(lambda x: x[0].astype(base_dtype(base)), jax.device_get(res.state["params"]))
@@ -247,7 +242,7 @@ def run(config, *, log=print, stop: Callable[[], bool] | None = None) -> dict[st
   T = int(config.dataset.seq_len)
   data = open_train_data(config, int(config.train.batch_per_slot) * T)
   stop = stop or _stopper()
-  metrics = MetricsWriter(wd / "metrics.jsonl", tb_dir=wd / "tensorboard")
+  metrics = MetricsWriter(wd / "metrics.jsonl", tb_dir=wd / "tensorboard", log=log)
   summary: dict[str, Any] = {"workdir": str(wd), "base_fingerprint": fp, "runs": {}}
   modes = [config.train.mode] + [b for b in tuple(config.train.baselines) if b != config.train.mode]
   try:
@@ -258,6 +253,7 @@ def run(config, *, log=print, stop: Callable[[], bool] | None = None) -> dict[st
                                "seconds": round(res.seconds, 1),
                                "tokens_per_s": round(res.tokens / res.seconds, 1) if res.seconds else None}
       res.state = None
+      summary["runs"][mode]["diverged"] = divergence.note(wd, mode, res.diverged, log)
       if res.status == "preempted":
         log(f"mixie.train: SIGTERM: saved a checkpoint of {mode!r} at step {res.step} in "
             f"{wd / 'checkpoints' / mode}; rerun the same command to resume")
@@ -274,10 +270,14 @@ def run(config, *, log=print, stop: Callable[[], bool] | None = None) -> dict[st
     log(format_table(results))
     summary["eval"] = {"ppl": {p: tab["ppl"] for p, tab in results["by_prefix"].items()},
                        "docs": results["docs"], "rows": results["rows"]}
-  summary["status"] = "finished"
+  summary["diverged"] = divergence.load(wd)
+  refuse = bool(summary["diverged"]) and not config.train.allow_divergence
+  summary["status"] = "diverged" if refuse else "finished"
   summary["seconds"] = round(time.time() - t_start, 1)
   mio.atomic_write_json(wd / "train_summary.json", summary)
   log(f"mixie.train: done in {summary['seconds']:.0f}s; experts in {wd / 'experts'}")
+  if refuse:
+    raise divergence.Diverged(divergence.refusal(summary["diverged"]))
   return summary
 
 
