@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 
 from mixie.errors import MixieError
 from mixie.store import ExpertStore
+from mixie.train import branch
 from mixie.train import ckpt as ckpt_lib
 from mixie.train.metrics import MetricsWriter
 from mixie.train.scheduler import ExpertScheduler
@@ -46,6 +47,7 @@ class LoopResult:
   seconds: float
   state: Any = None  # the final train state (on device)
   written: list = dataclasses.field(default_factory=list)  # topics written to the store by this call
+  tokens_total: int = 0  # tokens of the whole run, earlier calls (before a resume) included
 
 
 def _gather_slots(tree, slots: list[int]):
@@ -70,7 +72,8 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
                checkpoint_every: int = 50, log_every: int = 1, max_steps: int = 0,
                metrics: MetricsWriter | None = None, expert_meta: Callable[[int], Mapping] | None = None,
                stop: Callable[[], bool] | None = None, progress: bool = True,
-               on_saved: Callable[[int], None] | None = None, keep_checkpoints: int = 2) -> LoopResult:
+               on_saved: Callable[[int], None] | None = None, keep_checkpoints: int = 2,
+               init_params=None) -> LoopResult:
   """Trains until every scheduled expert reached its budget (or `max_steps`, or `stop()`).
 
   Args:
@@ -90,6 +93,8 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
     progress: show a tqdm bar with tokens/s.
     on_saved: called with the step after each checkpoint is saved (tests use it).
     keep_checkpoints: newest checkpoints kept.
+    init_params: one expert every slot starts from (a seed adapter: `mixie.train.branch`), with fresh
+      optimizer state; None: fresh experts.
   """
   comp = compile_fns(spec, mesh, rules, jax.eval_shape(lambda: base))
   frozen = base if spec.lora_mode else None  # "full" trains the base itself
@@ -118,6 +123,8 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
       for e, t in enumerate(topics_e):
         loader.set_slot(e, int(t))
       state = create_state(spec, mesh, rules, base, np.maximum(topics_e, 0), horizon_e, comp)
+      if init_params is not None:  # branched experts start from the seed adapter
+        state = branch.start_from(state, init_params, topics_e >= 0)
       step, tokens_total = 0, 0
 
     total_steps = _estimate_steps(scheduler, tokens_per_step, E)
@@ -219,6 +226,8 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
           for e, t in new.items():
             mask[e], topics[e], horizon[e] = True, t, scheduler.horizon_steps(t, tokens_per_step)
           state = comp.reset(state, base, mask, topics, horizon)
+          if init_params is not None:
+            state = branch.start_from(state, init_params, mask)
       if bar is not None:
         bar.update(1)
         el = time.time() - t_start
@@ -233,7 +242,7 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
       bar.close()
     ckpt.wait()
     return LoopResult(status=status, step=step, tokens=tokens_total - tok_start,
-                      seconds=time.time() - t_start, state=state, written=written)
+                      seconds=time.time() - t_start, state=state, written=written, tokens_total=tokens_total)
   finally:
     ckpt.close()
 
