@@ -30,6 +30,6 @@ def get_config(arg: str = ""):
   s.points = (("scratch", {"train.baselines": ("lora_all", "lora_all_wide", "full")}),
               ("seed", {"train.init": "seed", "train.baselines": ()}))  # (name, overrides) per point
   s.x = "train.init"  # the swept field
-  s.series = ()  # no other field tells lines apart
+  s.series = ("train.init",)  # scratch and seed rows are separate lines
   s.plot_prefix = 0  # the largest common P
   return s

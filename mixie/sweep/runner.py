@@ -14,7 +14,8 @@ Layout of a sweep directory (the sweep config's `workdir`, a local path; several
 
 An evaluation-only point (its train key equals that of an already trained point, its "owner"; e.g. the
 prefix sweep) links experts/, lora_all/, lora_all_wide/ and full/ to the owner's and has only its own
-eval/. Points run in order, one at a time, in this process.
+eval/ (or links the owner's too when its whole config is the owner's). Points run in order, one at a
+time, in this process.
 
 Resuming: a point with a done.json of its eval key is skipped without touching any file; any other
 point continues where it stopped (every mixie.train run resumes from its checkpoints; the cluster stage
@@ -66,15 +67,16 @@ def point_config(sd: pathlib.Path, point: sp.Point):
   return c
 
 
-def validate(sweep) -> list[sp.Point]:
-  """The sweep's points, every one's config checked (`ConfigError` naming the point) before any work."""
+def validate(sweep, devices=None) -> list[sp.Point]:
+  """The sweep's points, every one's config checked (`ConfigError` naming the point) before any work
+  (`devices`: those the points' meshes are checked against; default all)."""
   from mixie.train.main import validate_config
 
   sd = sweep_dir(sweep)
   points = sp.points_of(sweep)
   for p in points:
     try:
-      validate_config(point_config(sd, p))
+      validate_config(point_config(sd, p), devices)
     except ConfigError as e:
       raise ConfigError(f"sweep point {p.name!r}: {e}") from None
   return points
@@ -196,11 +198,13 @@ def run_point(sd: pathlib.Path, point: sp.Point, *, adopt: bool = False, log=pri
   if rec["owner"]:
     from mixie.evaluate.run import evaluate, format_table
     owner = sd / "points" / rec["owner"]
-    for sub in OUTPUTS:
+    same = (owner / DONE_JSON).exists() and mio.read_json(owner / DONE_JSON).get("eval_key") == keys["eval"]
+    for sub in OUTPUTS + (("eval",) if same else ()):  # the same evaluation too: nothing to redo
       if (owner / sub).exists():
         _link(wd / sub, owner / sub)
-    log(f"mixie.sweep: point {point.name!r}: evaluating the experts of point {rec['owner']!r}")
-    log(format_table(evaluate(config, log=log)))
+    if not same:
+      log(f"mixie.sweep: point {point.name!r}: evaluating the experts of point {rec['owner']!r}")
+      log(format_table(evaluate(config, log=log)))
   else:
     from mixie.train.main import run
     log(f"mixie.sweep: point {point.name!r} in {wd}")

@@ -14,10 +14,11 @@ Keys (short hashes of flat `section.field` settings):
 - `data_key`: the cluster stage's settings (`mixie.cluster.topics.step_settings`): points with equal
   keys share one `shared/data-<key>/{topics,dataset}`;
 - `seed_key`: the seed adapter's settings (`mixie.train.branch.seed_settings`): `shared/seed-<key>/`;
-- `train_key`: every setting but those of evaluation, routing, generation and bookkeeping
-  (`EVAL_ONLY`): a point whose train key equals a trained point's is evaluated on that point's
-  experts and baselines, not trained again (e.g. the prefix sweep);
-- `eval_key`: every setting (bookkeeping aside): a finished point is redone only when it changes.
+- `train_key`: every setting but those of evaluation, routing, generation (`EVAL_ONLY`), the device
+  layout (`LAYOUT`) and bookkeeping: a point whose train key equals a trained point's is evaluated on
+  that point's experts and baselines, not trained again (e.g. the prefix sweep);
+- `eval_key`: every setting (layout and bookkeeping aside): a finished point is redone only when it
+  changes.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from mixie.errors import ConfigError
 BOOKKEEPING = ("workdir", "train.seed_dir", "train.eval_after", "train.log_every", "train.checkpoint_every",
                "train.keep_checkpoints", "train.run_missing")
 EVAL_ONLY = ("eval.", "route.", "generate.")  # prefixes of the settings evaluation alone reads
+LAYOUT = ("mesh.",)  # how a run is laid out on devices, not what it computes: a point may resume elsewhere
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -109,7 +111,8 @@ def points_of(sweep: ml_collections.ConfigDict) -> list[Point]:
 
 
 def _without(settings: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, Any]:
-  return {k: v for k, v in settings.items() if not k.startswith(prefixes) and k not in BOOKKEEPING}
+  return {k: v for k, v in settings.items()
+          if not k.startswith(prefixes + LAYOUT) and k not in BOOKKEEPING}
 
 
 def data_key(config) -> str:
