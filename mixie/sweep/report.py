@@ -219,18 +219,29 @@ def plot_vs_prefix(table: dict[str, Any], *, metric: str = "ppl", save_dir=None)
   return _save(fig, save_dir, "ppl_vs_prefix" if metric == "ppl" else "routing_vs_prefix")
 
 
+def swept_setting(table: dict[str, Any]) -> str | None:
+  """The table column of the sweep's `x` (k, rank, tokens_per_expert, init, seed_fraction) when it takes
+  several values, else None."""
+  short = {f: k for k, f in SETTINGS.items()}.get(table.get("x") or "")
+  return short if short and len({r[short] for r in table["rows"]}) > 1 else None
+
+
+def several_prefixes(table: dict[str, Any]) -> bool:
+  """Whether the table holds several routing prefixes P."""
+  return len({r["prefix"] for r in table["rows"]}) > 1
+
+
 def plot_all(table: dict[str, Any], save_dir=None) -> list[str]:
   """Every plot the table supports (see the module docstring); returns their names."""
   names = []
   for by in ("tokens", "flops"):
     plot_vs_compute(table, by=by, save_dir=save_dir)
     names.append(f"ppl_vs_{by}")
-  x = table.get("x") or ""
-  short = {f: k for k, f in SETTINGS.items()}.get(x)
-  if short and len({r[short] for r in table["rows"]}) > 1:
+  short = swept_setting(table)
+  if short:
     plot_vs_setting(table, short, save_dir=save_dir)
     names.append(f"ppl_vs_{short}")
-  if len({r["prefix"] for r in table["rows"]}) > 1:
+  if several_prefixes(table):
     for metric in ("ppl", "routing_accuracy"):
       plot_vs_prefix(table, metric=metric, save_dir=save_dir)
     names += ["ppl_vs_prefix", "routing_vs_prefix"]
