@@ -199,9 +199,9 @@ def plot_vs_setting(table: dict[str, Any], setting: str, *, prefix: int | None =
 
 
 def plot_vs_prefix(table: dict[str, Any], *, metric: str = "ppl", save_dir=None):
-  """Perplexity (`metric="ppl"`) or routing accuracy (`"routing_accuracy"`) against P, one line per row
-  (and point, when there are several)."""
-  rows = [r for r in table["rows"] if r[metric] is not None]
+  """Perplexity (`metric="ppl"`) or routing accuracy (`"routing_accuracy"`, routed rows; the oracle's
+  is 1 by definition) against P, one line per row (and point, when there are several)."""
+  rows = [r for r in table["rows"] if r[metric] is not None and not (metric != "ppl" and r["row"] == "oracle")]
   multi = len({r["point"] for r in rows}) > 1
   fig = _figure(7.5, 4.8)
   ax = fig.add_subplot()
