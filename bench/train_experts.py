@@ -21,7 +21,7 @@ forward (2N) plus activation gradients (2N) per token. Attention per token and l
     python bench/train_experts.py --sections gpu [--slots 8,16]
 
 Imports only jax/flax/optax/numpy/torch/transformers/peft and mixie.model / mixie.train core /
-mixie.peft_io (etils and safetensors: orbax and transformers bring them), via bench/hf_peer.py.
+mixie.interop.peft (etils and safetensors: orbax and transformers bring them), via bench/hf_peer.py.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hf_peer import hf_llama_config, peft_targets  # noqa: E402
 from mixie.model.llama import PRESETS, init_params  # noqa: E402
 from mixie.model.lora import LoraConfig  # noqa: E402
-from mixie.peft_io import HF_MODULE  # noqa: E402
+from mixie.interop.peft import HF_MODULE  # noqa: E402
 from mixie.sharding import make_mesh  # noqa: E402
 from mixie.train import optim  # noqa: E402
 from mixie.train.step import TrainSpec, compile_fns, create_state  # noqa: E402

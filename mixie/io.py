@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from mixie.errors import MixieError
+
 PathLike = str | os.PathLike | epath.Path
 
 
@@ -44,8 +46,6 @@ def atomic_write_json(p: PathLike, obj: Any) -> None:
 
 def read_json(p: PathLike) -> Any:
   """Reads a JSON file, raising `MixieError` naming the file when it is missing or corrupt."""
-  from mixie.errors import MixieError
-
   p = path(p)
   if not p.exists():
     raise MixieError(f"{p}: file not found")
@@ -64,8 +64,6 @@ def save_arrays(p: PathLike, arrays: dict[str, np.ndarray]) -> None:
 
 def load_arrays(p: PathLike) -> dict[str, np.ndarray]:
   """Loads a `.npz` written by `save_arrays`; never unpickles. Raises `MixieError` when unreadable."""
-  from mixie.errors import MixieError
-
   p = path(p)
   if not p.exists():
     raise MixieError(f"{p}: file not found")

@@ -3,11 +3,11 @@
     python notebooks/make_notebooks.py           # rewrite the notebooks
     python notebooks/make_notebooks.py --check   # exit 1 if a committed notebook differs
 
-The notebooks hold no logic: every cell calls `mixie.analysis` (`sweep.ipynb`: `mixie.sweep.report`).
-Edit the cells here, not in Jupyter, and commit the regenerated files. Each notebook opens with an
-install cell (does something only in Colab) and a parameters cell (tagged `parameters` for papermill;
-environment variables `MIXIE_WORKDIR` (`MIXIE_SWEEP`, `MIXIE_SWEEP_NAME`) and `MIXIE_FIGDIR` override
-its defaults), which is how `tests/test_notebooks.py` runs them headless.
+The notebooks hold no logic: every cell calls `mixie.analysis` or the evaluation's own figures
+(`mixie.evaluate.plots`). Edit the cells here, not in Jupyter, and commit the regenerated files. Each
+notebook opens with an install cell (does something only in Colab) and a parameters cell (tagged
+`parameters` for papermill; environment variables `MIXIE_WORKDIR` (`MIXIE_SWEEP`, `MIXIE_SWEEP_NAME`) and
+`MIXIE_FIGDIR` override its defaults), which is how `tests/test_notebooks.py` runs them headless.
 """
 
 from __future__ import annotations
@@ -42,9 +42,11 @@ if "google.colab" in sys.modules:
 
 SETUP = '''\
 %matplotlib inline
-from mixie import analysis
+from mixie import figures
+from mixie.analysis import loaders, plots, summaries
+from mixie.evaluate import plots as eval_plots
 
-FIGDIR = analysis.figure_dir(WORKDIR, FIGDIR)
+FIGDIR = figures.figure_dir(WORKDIR, FIGDIR)
 print(f"work directory: {WORKDIR}\\nfigures: {FIGDIR}")'''
 
 TOPICS = [
@@ -72,23 +74,23 @@ MAX_TOPICS = 12  # topics shown in the top-words figure (the largest)'''),
     ("code", SETUP),
     ("markdown", "## Topic sizes\nTraining documents per topic (held-out documents stacked on top)."),
     ("code", '''\
-topics = analysis.load_topics_data(WORKDIR)
-analysis.plot_topic_sizes(topics, save_dir=FIGDIR)'''),
+topics = loaders.load_topics_data(WORKDIR)
+plots.plot_topic_sizes(topics, save_dir=FIGDIR)'''),
     ("markdown", "## Map of the documents\nThe document embeddings in 2-D, coloured by topic; stars are the "
                  "topic centroids, crosses the held-out documents."),
-    ("code", "analysis.plot_topic_map(topics, method=MAP_METHOD, save_dir=FIGDIR)"),
+    ("code", "plots.plot_topic_map(topics, method=MAP_METHOD, save_dir=FIGDIR)"),
     ("markdown", "## What the topics are about\nThe words with the highest mean TF-IDF in each topic's "
                  "training documents, and the titles of the documents nearest each centroid."),
     ("code", '''\
-texts = analysis.load_texts(WORKDIR)
-terms = analysis.top_terms(topics, texts, n_terms=N_TERMS, n_titles=N_TITLES)
-print(analysis.format_top_terms(terms))'''),
-    ("code", "analysis.plot_top_terms(terms, max_topics=MAX_TOPICS, save_dir=FIGDIR)"),
+texts = loaders.load_texts(WORKDIR)
+terms = summaries.top_terms(topics, texts, n_terms=N_TERMS, n_titles=N_TITLES)
+print(summaries.format_top_terms(terms))'''),
+    ("code", "plots.plot_top_terms(terms, max_topics=MAX_TOPICS, save_dir=FIGDIR)"),
     ("markdown", "## Agreement with the reference labels\nNMI and ARI of the topics against the corpus's "
                  "labels on the training documents, and the topic x label contingency table."),
     ("code", '''\
-agreement = analysis.label_agreement(topics)
-analysis.plot_label_agreement(agreement, save_dir=FIGDIR)'''),
+agreement = summaries.label_agreement(topics)
+plots.plot_label_agreement(agreement, save_dir=FIGDIR)'''),
 ]
 
 EXPERTS = [
@@ -100,9 +102,10 @@ How the experts trained (`python -m mixie.train`) and what they are worth on hel
 experts and the oracle (each document's own topic's expert) per topic, how often the router picks the
 document's own expert, and how that depends on the routing prefix length P.
 
-Every cell calls `mixie.analysis`; the figures are also written as PNG files into `FIGDIR`. Without
-`eval/` in the work directory, perplexity comes from the trainer's table and the routes are computed
-here with the run's embedder and router."""),
+Every cell calls `mixie.analysis` or the evaluation's own figures (`mixie.evaluate.plots`, the ones
+`python -m mixie.evaluate` writes into `eval/`); the figures are also written as PNG files into
+`FIGDIR`. Without `eval/` in the work directory the perplexity figures say so, and the routes are
+computed here with the run's embedder and router."""),
     ("code", INSTALL),
     ("parameters", '''\
 import os
@@ -115,21 +118,21 @@ CURVES_X = "tokens"  # training curves against each expert's "tokens" or the run
     ("code", SETUP),
     ("markdown", "## Training curves\nLoss and learning rate of every expert (and of the baselines)."),
     ("code", '''\
-metrics = analysis.load_metrics(WORKDIR)
-analysis.plot_training_curves(metrics, x=CURVES_X, save_dir=FIGDIR)'''),
+metrics = loaders.load_metrics(WORKDIR)
+plots.plot_training_curves(metrics, x=CURVES_X, save_dir=FIGDIR)'''),
     ("markdown", "## Held-out perplexity per topic\nThe base, the baselines, the routed experts and the "
                  "oracle, scored on the tokens after the routing prefix."),
     ("code", '''\
-ppl = analysis.load_perplexity(WORKDIR)
-analysis.plot_perplexity(ppl, prefix=PREFIX, save_dir=FIGDIR)'''),
+ppl = loaders.load_perplexity(WORKDIR)
+eval_plots.plot_perplexity(ppl, prefix=PREFIX, save_dir=FIGDIR)'''),
     ("markdown", "## Routing confusion\nEach held-out document's own topic's expert against the expert the "
                  "router chose from the document's first P tokens."),
     ("code", '''\
-routes = analysis.load_routes(WORKDIR, prefix=PREFIX, mode=ROUTE_MODE)
-analysis.plot_routing_confusion(routes, save_dir=FIGDIR)'''),
+routes = loaders.load_routes(WORKDIR, prefix=PREFIX, mode=ROUTE_MODE)
+eval_plots.plot_routing_confusion(routes, save_dir=FIGDIR)'''),
     ("markdown", "## The routing prefix length\nPerplexity (relative to the base) and routing accuracy "
                  "against the number of tokens P the router sees."),
-    ("code", "analysis.plot_prefix_effect(ppl, save_dir=FIGDIR)"),
+    ("code", "eval_plots.plot_prefix_effect(ppl, save_dir=FIGDIR)"),
 ]
 
 NOTEBOOKS = {"topics.ipynb": TOPICS, "experts.ipynb": EXPERTS}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mixie.analysis import FIGURE_NAMES
+from mixie.figures import FIGURE_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"

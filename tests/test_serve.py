@@ -17,7 +17,7 @@ from mixie.serve.batched import (gather_experts, generate_rows, mixture_token_lo
                                  rows_prefill)
 from mixie.serve.cache import ExpertCache
 from mixie.serve.server import Server
-from mixie.store import ExpertStore
+from mixie.store import ExpertMeta, ExpertStore
 from run_utils import random_tree
 
 CFG = LlamaConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -251,8 +251,7 @@ def served(model, tmp_path):
   store = ExpertStore(tmp_path / "experts")
   fp = fingerprint(CFG, params)
   for t in range(N_EXPERTS):
-    store.write(t, jax.tree.map(lambda x: x[t], experts),
-                {"rank": LORA.rank, "alpha": LORA.alpha, "targets": list(LORA.targets), "base_fingerprint": fp})
+    store.write(t, jax.tree.map(lambda x: x[t], experts), ExpertMeta.new(LORA, fp))
   router = Router(np.eye(N_EXPERTS), RouterConfig(route_tokens=2, search=SearchConfig(backend="brute")))
   server = Server(CFG, params, _Tok(), store, router, _Embedder(N_EXPERTS), cache_slots=2, length_bucket=T)
   return server, store
@@ -307,9 +306,8 @@ def test_expert_of_another_lora_shape_fails_only_its_row(model, served):
   params, experts = model
   server, store = served
   one = jax.tree.map(lambda x: x[3], experts)
-  store.write(3, {k: one[k] for k in ("q", "v")},
-              {"rank": LORA.rank, "alpha": LORA.alpha, "targets": ["q", "v"],
-               "base_fingerprint": fingerprint(CFG, params)})
+  qv = LoraConfig(rank=LORA.rank, alpha=LORA.alpha, targets=("q", "v"))
+  store.write(3, {k: one[k] for k in ("q", "v")}, ExpertMeta.new(qv, fingerprint(CFG, params)))
   prompts = _prompts([4, 4], seed=9)
   prompts[0][0], prompts[1][0] = 3, 1
   res = server.generate([" ".join(map(str, p)) for p in prompts], max_new_tokens=MAX_NEW)

@@ -58,9 +58,9 @@ def test_scheduler_refills_slots_and_each_stored_expert_equals_training_it_alone
   for t in TOPICS:
     params, meta = store.load(t, "fp-test")
     steps = -(-budgets[t] // (B * T))
-    assert meta["tokens_seen"] == steps * B * T and meta["centroid"] == [float(t), 0.5]
-    assert meta["rank"] == SPEC.lora.rank and meta["targets"] == list(SPEC.lora.targets)
-    assert np.isfinite(meta["final_loss"])
+    assert meta.tokens_seen == steps * B * T and meta.centroid == (float(t), 0.5)
+    assert meta.has_shape(SPEC.lora) and meta.mode == "experts" and meta.kind == "expert"
+    assert np.isfinite(meta.final_loss)
     # the same expert trained alone in one slot for the same number of steps on the same stream
     spec1 = tiny_spec(1, lr=5e-3)
     comp = compile_fns(spec1, mesh(), RULES, jax.eval_shape(lambda: base))

@@ -21,33 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixie.errors import ConfigError, MixieError, check
+from mixie.errors import ConfigError, check
+from mixie.model.checkpoint import fingerprint
 from mixie.model.llama import LlamaConfig
 from mixie.model.lora import LoraConfig
 from mixie.serve.batched import gather_experts, generate_rows
 from mixie.serve.cache import ExpertCache
 from mixie.store import ExpertStore
-
-
-def lora_from_store(store: ExpertStore) -> LoraConfig:
-  """The `LoraConfig` of the store's experts (from its first expert's metadata)."""
-  topics = store.topics()
-  check(bool(topics), f"expert store {store.dir} holds no experts; train them first "
-        "(python -m mixie.train) or pass lora=", ConfigError)
-  m = store.meta(topics[0])
-  return LoraConfig(rank=int(m["rank"]), alpha=float(m["alpha"]), targets=tuple(m["targets"]))
-
-
-def load_matching(store: ExpertStore, topic: int, fingerprint: str | None, lora: LoraConfig):
-  """The expert of `topic` from `store`, refused (`MixieError`) unless it was trained on the base of
-  `fingerprint` and has `lora`'s rank, alpha and targets: experts served or scored together share them."""
-  tree, meta = store.load(topic, fingerprint)
-  if (int(meta["rank"]), float(meta["alpha"]), tuple(meta["targets"])) != \
-      (lora.rank, float(lora.alpha), tuple(lora.targets)):
-    raise MixieError(f"{store.entry_dir(topic)}: expert of topic {topic} has rank {meta['rank']}, alpha "
-                     f"{meta['alpha']}, targets {meta['targets']}; the other experts have rank "
-                     f"{lora.rank}, alpha {lora.alpha}, targets {list(lora.targets)}")
-  return tree
 
 
 @dataclasses.dataclass
@@ -89,11 +69,9 @@ class Server:
     self.store = store
     self.router = router
     self.embedder = embedder
-    self.lora = lora if lora is not None else lora_from_store(store)
-    if base_fingerprint is None:
-      from mixie.model.checkpoint import fingerprint
-      base_fingerprint = fingerprint(base_cfg, params)
-    self.base_fingerprint = base_fingerprint
+    self.lora = lora if lora is not None else store.lora()
+    self.base_fingerprint = (base_fingerprint if base_fingerprint is not None
+                             else fingerprint(base_cfg, params))
     if router is not None:
       check(router.cfg.mode != "oracle", "route.mode=oracle is for evaluation only; serving needs "
             "centroid, knn or topk", ConfigError)
@@ -105,7 +83,7 @@ class Server:
 
   def _load_expert(self, topic: int):
     """One expert from the store, refused unless it matches this base and the serving LoRA config."""
-    return load_matching(self.store, topic, self.base_fingerprint, self.lora)
+    return self.store.load(topic, self.base_fingerprint, self.lora)[0]
 
   # --- routing -------------------------------------------------------------------------------------
 

@@ -24,9 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
+from tqdm import tqdm
 
+from mixie.distributed import is_main_process
 from mixie.errors import MixieError
-from mixie.store import ExpertStore
+from mixie.store import ExpertMeta, ExpertStore
 from mixie.train import branch
 from mixie.train import ckpt as ckpt_lib
 from mixie.train.metrics import MetricsWriter
@@ -88,7 +90,7 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
     tokens_per_step: tokens a slot gets per step (b * T), for the per-expert LR horizon.
     checkpoint_every, log_every, max_steps: cadences; max_steps 0 = no limit.
     metrics: JSONL writer (process 0).
-    expert_meta: extra metadata of a topic's expert (e.g. its centroid).
+    expert_meta: more `ExpertMeta` fields of a topic's expert (e.g. its centroid), by name.
     stop: polled every step; True saves a checkpoint and returns status "preempted".
     progress: show a tqdm bar with tokens/s.
     on_saved: called with the step after each checkpoint is saved (tests use it).
@@ -129,8 +131,7 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
 
     total_steps = _estimate_steps(scheduler, tokens_per_step, E)
     bar = None
-    if progress and jax.process_index() == 0:
-      from tqdm import tqdm
+    if progress and is_main_process():
       bar = tqdm(total=total_steps, initial=min(step, total_steps), desc=f"train[{mode}]", unit="step",
                  dynamic_ncols=True)
 
@@ -208,12 +209,11 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
         params = _gather_slots(state["params"], done)
         for i, e in enumerate(done):
           topic = scheduler.release(e)
-          if store is not None and jax.process_index() == 0:
+          if store is not None and is_main_process():
             expert = jax.tree.map(lambda x: x[i], params)
-            meta = {"tokens_seen": scheduler.slot_tokens[e], "final_loss": last_loss[e],
-                    "rank": spec.lora.rank, "alpha": spec.lora.alpha, "targets": list(spec.lora.targets),
-                    "base_fingerprint": fingerprint, "mode": mode, "steps": step}
-            meta.update(expert_meta(topic) if expert_meta is not None else {})
+            meta = ExpertMeta.new(spec.lora, fingerprint, tokens_seen=scheduler.slot_tokens[e],
+                                  final_loss=last_loss[e], mode=mode, steps=step,
+                                  **(expert_meta(topic) if expert_meta is not None else {}))
             store.write(topic, expert, meta)
           written.append(topic)
         new = scheduler.fill()

@@ -35,11 +35,21 @@ import jax
 import numpy as np
 
 from mixie import io as mio
+from mixie.cluster.topics import dataset_dir, load_topics, run_cluster, summary_line, topics_complete
+from mixie.cluster.topics import validate_config as validate_cluster
+from mixie.data.dataset import dataset_status, open_dataset, topic_token_counts
+from mixie.data.loader import PackedLoader, resolve_small_topics
+from mixie.distributed import is_main_process
 from mixie.errors import ConfigError, check
+from mixie.evaluate.run import evaluate, format_table, validate_eval_config
+from mixie.model.checkpoint import fingerprint
+from mixie.model.load import load_base
 from mixie.model.lora import LoraConfig
 from mixie.sharding import make_mesh, mesh_from_config
 from mixie.store import ExpertStore, save_tree
 from mixie.train import branch, optim
+from mixie.train.loop import train_loop
+from mixie.train.metrics import MetricsWriter
 from mixie.train.scheduler import BUDGETS, ExpertScheduler, token_budgets
 from mixie.train.step import MODES, TrainSpec, base_shardings
 
@@ -60,8 +70,6 @@ def _int_field(config, dotted: str, lo: int) -> int:
 
 
 def _inputs_missing(workdir) -> bool:
-  from mixie.cluster.topics import dataset_dir, topics_complete
-  from mixie.data.dataset import dataset_status
   return not topics_complete(workdir) or dataset_status(dataset_dir(workdir)) != "complete"
 
 
@@ -102,13 +110,11 @@ def validate_config(config, devices=None) -> None:
     raise ConfigError(f"train.batch_per_slot={t.batch_per_slot} is not a multiple of the mesh's data "
                       f"axis ({n_data} devices)")
   if t.eval_after:
-    from mixie.evaluate.run import validate_eval_config
     validate_eval_config(config)
   if _inputs_missing(config.workdir):
     if not t.run_missing:
       raise ConfigError(f"{config.workdir}/topics or /dataset is missing and train.run_missing=False: "
                         "run `python -m mixie.cluster --config=...` first, or set train.run_missing=True")
-    from mixie.cluster.topics import validate_config as validate_cluster
     validate_cluster(config)
     d = config.data
     if d.source in ("jsonl", "text") and d.path and not any(ch in d.path for ch in "*?["):
@@ -134,10 +140,6 @@ class TrainData:
 
 def open_train_data(config, tokens_per_batch: int) -> TrainData:
   """Opens `workdir/dataset` (train split) and resolves small topics and budgets."""
-  from mixie.cluster.topics import dataset_dir, load_topics
-  from mixie.data.dataset import open_dataset, topic_token_counts
-  from mixie.data.loader import resolve_small_topics
-
   out = dataset_dir(config.workdir)
   topics = load_topics(config.workdir)
   src = open_dataset(out, "train")
@@ -192,9 +194,6 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
   """Trains one run (`mode` = experts, lora_all, lora_all_wide, full or seed) to its end; returns the
   `LoopResult`. A branched run (`train.init = "seed"`) passes its `seed_plan` (the seed's and the
   branches' budgets) and, for the experts, `init` = `(seed params, seed info)` from `branch.load`."""
-  from mixie.data.loader import PackedLoader
-  from mixie.train.loop import train_loop
-
   t = config.train
   wd = mio.path(config.workdir)
   T = int(config.dataset.seq_len)
@@ -234,8 +233,7 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
                    log_every=t.log_every, max_steps=t.max_steps, metrics=metrics, expert_meta=meta, stop=stop,
                    keep_checkpoints=t.keep_checkpoints, init_params=None if init is None else init[0])
   if mode == "full" and res.status == "finished" and not (wd / "full" / "meta.json").exists() \
-      and jax.process_index() == 0:
-    from mixie.model.checkpoint import fingerprint
+      and is_main_process():
     params = jax.tree.map(lambda x: x[0].astype(base_dtype(base)), jax.device_get(res.state["params"]))
     save_tree(wd / "full" / "params.safetensors", params)
     mio.atomic_write_json(wd / "full" / "meta.json", {
@@ -257,15 +255,11 @@ def run(config, *, log=print, stop: Callable[[], bool] | None = None) -> dict[st
   """The main job (see the module docstring); returns a JSON-able summary with `status`."""
   t_start = time.time()
   validate_config(config)
-  from mixie.model.checkpoint import fingerprint
-  from mixie.model.load import load_base
-  from mixie.train.metrics import MetricsWriter
 
   wd = mio.path(config.workdir)
   mesh = mesh_from_config(config.mesh)
   rules = tuple(tuple(r) for r in config.mesh.rules)
   if _inputs_missing(config.workdir):
-    from mixie.cluster.topics import run_cluster, summary_line
     log(f"mixie.train: topics or dataset missing in {wd}: running the cluster stage")
     log(summary_line(run_cluster(config, log=log)))
   cfg, base, tokenizer = load_base(config.model, mesh=mesh, rules=rules, seed=int(config.seed))
@@ -312,7 +306,6 @@ def run(config, *, log=print, stop: Callable[[], bool] | None = None) -> dict[st
   finally:
     metrics.close()
   if config.train.eval_after:  # the prefix-routed held-out table of `mixie.evaluate` on this base
-    from mixie.evaluate.run import evaluate, format_table
     results = evaluate(config, loaded=(cfg, base, tokenizer), fp=fp, log=log)
     log(format_table(results))
     summary["eval"] = {"ppl": {p: tab["ppl"] for p, tab in results["by_prefix"].items()},
