@@ -37,8 +37,10 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from mixie import io as mio
+from mixie.errors import ConfigError, MixieError
 from mixie.model.llama import LlamaConfig
 from mixie.model.lora import LoraConfig
+from mixie.store import ExpertStore, run_store
 
 
 def _dims(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
@@ -74,15 +76,6 @@ def train_flops_per_token(cfg: LlamaConfig, seq_len: int, lora: LoraConfig | Non
 # Rows of a work directory.
 
 
-def _lora_of(meta: Mapping[str, Any]) -> LoraConfig:
-  return LoraConfig(rank=int(meta["rank"]), alpha=float(meta["alpha"]), targets=tuple(meta["targets"]))
-
-
-def _tokens(meta: Mapping[str, Any]) -> int | None:
-  t = meta.get("tokens_seen")
-  return None if t is None else int(t)
-
-
 def _part(what: str, tokens: int | None, fpt: int | None) -> dict[str, Any]:
   flops = None if tokens is None or fpt is None else float(tokens) * float(fpt)
   return {"what": what, "tokens": tokens, "flops_per_token": fpt, "flops": flops}
@@ -95,27 +88,33 @@ def _total(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
           "parts": list(parts)}
 
 
-def store_parts(store, cfg: LlamaConfig, seq_len: int, what: str) -> list[dict[str, Any]]:
+def _seed_part(seed: Any, T: int, cfg: LlamaConfig, where: str) -> dict[str, Any]:
+  """The compute part of the seed adapter a branched expert records in its metadata's `seed`
+  (`mixie.train.branch.load`); MixieError naming `where` when that record is malformed."""
+  try:
+    lora = LoraConfig(rank=int(seed["rank"]), alpha=float(seed["alpha"]), targets=tuple(seed["targets"]))
+    tokens = seed.get("tokens_seen")
+    return _part("seed adapter", None if tokens is None else int(tokens),
+                 train_flops_per_token(cfg, int(seed.get("seq_len") or T), lora))
+  except (KeyError, TypeError, ValueError, ConfigError) as e:
+    raise MixieError(f"{where}: field 'seed' is not a seed adapter's record ({e})") from None
+
+
+def store_parts(store: ExpertStore, cfg: LlamaConfig, seq_len: int, what: str) -> list[dict[str, Any]]:
   """Compute parts of every expert of an `ExpertStore` (plus, once, the seed they branched from)."""
   parts, seeds = [], {}
-  for t in store.topics():
-    meta = store.meta(t)
-    T = int(meta.get("seq_len", seq_len))
-    fpt = train_flops_per_token(cfg, T, _lora_of(meta))
-    parts.append(_part(f"{what} {t}", _tokens(meta), fpt))
-    seed = meta.get("seed")
+  for t, meta in store.metas().items():
+    T = meta.seq_len or seq_len
+    parts.append(_part(f"{what} {t}", meta.tokens_seen, train_flops_per_token(cfg, T, meta.lora)))
+    seed = meta.extra.get("seed")
     if isinstance(seed, Mapping):
-      seeds[seed.get("dir", "")] = _part("seed adapter", seed.get("tokens_seen"),
-                                         train_flops_per_token(cfg, int(seed.get("seq_len", T)),
-                                                               _lora_of(seed)))
+      seeds[seed.get("dir", "")] = _seed_part(seed, T, cfg, str(store.meta_file(t)))
   return parts + list(seeds.values())
 
 
 def row_compute(workdir, rows: Sequence[str], cfg: LlamaConfig, seq_len: int) -> dict[str, dict[str, Any]]:
   """`{row: {"tokens", "flops", "parts"}}` for the rows of `mixie.evaluate` in `workdir` (None where a
   part's tokens are unknown, e.g. imported experts)."""
-  from mixie.store import ExpertStore
-
   wd = mio.path(workdir)
   out: dict[str, dict[str, Any]] = {}
   experts = None
@@ -123,7 +122,7 @@ def row_compute(workdir, rows: Sequence[str], cfg: LlamaConfig, seq_len: int) ->
     if row == "base":
       out[row] = _total([])
     elif row in ("lora_all", "lora_all_wide"):
-      out[row] = _total(store_parts(ExpertStore(wd / row), cfg, seq_len, row))
+      out[row] = _total(store_parts(run_store(wd, row), cfg, seq_len, row))
     elif row == "full":
       meta = mio.read_json(wd / "full" / "meta.json")
       tokens = meta.get("tokens_seen", meta.get("tokens"))
@@ -131,7 +130,7 @@ def row_compute(workdir, rows: Sequence[str], cfg: LlamaConfig, seq_len: int) ->
       out[row] = _total([_part("full", None if tokens is None else int(tokens), fpt)])
     else:  # a routed row or oracle: every expert of the store
       experts = experts if experts is not None else _total(
-          store_parts(ExpertStore(wd / "experts"), cfg, seq_len, "expert"))
+          store_parts(run_store(wd), cfg, seq_len, "expert"))
       out[row] = experts
   return out
 

@@ -27,7 +27,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mixie import io as mio
+from mixie.cluster.topics import _plain, step_settings  # one rule for JSON-plain config values
+from mixie.distributed import is_main_process
 from mixie.errors import ConfigError, check
+from mixie.store import ExpertStore
 
 INITS = ("scratch", "seed")
 SETTINGS_JSON = "settings.json"
@@ -56,8 +59,6 @@ def seed_dir(config):
 def seed_settings(config) -> dict[str, Any]:
   """Every setting the seed adapter depends on (flat `section.field` names): the data it trains on,
   the base, the LoRA shape, the rows per step, the optimizer and its token budget's inputs."""
-  from mixie.cluster.topics import _plain, step_settings  # one rule for JSON-plain config values
-
   out = dict(step_settings(config)["dataset"])
   out.update({f"model.{k}": config.model.get(k) for k in ("source", "path", "preset", "dtype", "param_dtype")})
   out.update({f"lora.{k}": v for k, v in config.lora.to_dict().items()})
@@ -86,7 +87,8 @@ def plan(config, budgets: Mapping[int, int], min_tokens: int) -> SeedPlan:
 
 
 def claim(config, d) -> None:
-  """Writes `settings.json` into a new seed directory, or refuses one trained with other settings."""
+  """Writes `settings.json` into a new seed directory (process 0), or refuses one trained with other
+  settings."""
   want = seed_settings(config)
   p = mio.path(d) / SETTINGS_JSON
   if p.exists():
@@ -96,21 +98,19 @@ def claim(config, d) -> None:
     if diffs:
       raise ConfigError(f"{d}: the seed adapter there was trained with other settings ({'; '.join(diffs[:4])})."
                         " Point train.seed_dir elsewhere, or delete that directory to retrain it")
-  else:
+  elif is_main_process():
     mio.atomic_write_json(p, want)
 
 
 def load(d, fingerprint: str, lora) -> tuple[dict, dict[str, Any]]:
-  """The trained seed adapter (host arrays) and what the branches record of it (`meta["seed"]`)."""
-  from mixie.serve.server import load_matching
-  from mixie.store import ExpertStore
-
+  """The trained seed adapter (host arrays) and what the branches record of it (their metadata's
+  `seed`)."""
   store = ExpertStore(d)
   check(0 in store, f"{d}: no finished seed adapter")
-  tree = load_matching(store, 0, fingerprint, lora)
-  meta = store.meta(0)
-  info = {"dir": str(d), "tokens_seen": int(meta["tokens_seen"]), "rank": meta["rank"],
-          "alpha": meta["alpha"], "targets": meta["targets"], "seq_len": meta.get("seq_len")}
+  tree, meta = store.load(0, fingerprint, lora)
+  check(meta.tokens_seen is not None, f"{store.meta_file(0)}: the seed adapter's tokens_seen is missing")
+  info = {"dir": str(d), "tokens_seen": meta.tokens_seen, "rank": meta.rank, "alpha": meta.alpha,
+          "targets": list(meta.targets), "seq_len": meta.seq_len}
   return tree, info
 
 
