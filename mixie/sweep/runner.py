@@ -40,8 +40,13 @@ import time
 from typing import Any, Callable
 
 from mixie import io as mio
+from mixie.cluster.topics import run_cluster, step_settings, summary_line
 from mixie.errors import ConfigError
+from mixie.evaluate.run import evaluate, format_table
+from mixie.sweep import report
 from mixie.sweep import spec as sp
+from mixie.train.main import _inputs_missing  # the main job's rule for "topics or dataset missing"
+from mixie.train.main import run, validate_config
 
 OUTPUTS = ("experts", "lora_all", "lora_all_wide", "full")  # what an evaluation-only point links to
 POINT_JSON, TRAINED_JSON, DONE_JSON = "point.json", "trained.json", "done.json"
@@ -70,8 +75,6 @@ def point_config(sd: pathlib.Path, point: sp.Point):
 def validate(sweep, devices=None) -> list[sp.Point]:
   """The sweep's points, every one's config checked (`ConfigError` naming the point) before any work
   (`devices`: those the points' meshes are checked against; default all)."""
-  from mixie.train.main import validate_config
-
   sd = sweep_dir(sweep)
   points = sp.points_of(sweep)
   for p in points:
@@ -103,8 +106,6 @@ def _link(link: pathlib.Path, target: pathlib.Path) -> None:
 
 def _adopt_shared_data(sd: pathlib.Path, config, d: pathlib.Path, log) -> None:
   """Moves `shared/topics` + `shared/dataset` to `d` when their cluster settings are `config`'s."""
-  from mixie.cluster.topics import step_settings
-
   old = sd / "shared"
   marker = old / "topics" / "done" / "dataset.json"
   if not (marker.exists() and (old / "dataset").exists()):
@@ -119,13 +120,10 @@ def _adopt_shared_data(sd: pathlib.Path, config, d: pathlib.Path, log) -> None:
 
 def ensure_data(sd: pathlib.Path, config, key: str, *, adopt: bool, log) -> pathlib.Path:
   """`shared/data-<key>` with complete topics and dataset (the cluster stage runs when missing)."""
-  from mixie.train.main import _inputs_missing  # the main job's rule for "topics or dataset missing"
-
   d = sd / "shared" / f"data-{key}"
   if adopt and not d.exists():
     _adopt_shared_data(sd, config, d, log)
   if _inputs_missing(str(d)):
-    from mixie.cluster.topics import run_cluster, summary_line
     c = copy.deepcopy(config)
     c.workdir = str(d)
     log(f"mixie.sweep: cluster stage into {d}")
@@ -196,7 +194,6 @@ def run_point(sd: pathlib.Path, point: sp.Point, *, adopt: bool = False, log=pri
     _link(wd / sub, data / sub)
   t0 = time.time()
   if rec["owner"]:
-    from mixie.evaluate.run import evaluate, format_table
     owner = sd / "points" / rec["owner"]
     same = (owner / DONE_JSON).exists() and mio.read_json(owner / DONE_JSON).get("eval_key") == keys["eval"]
     for sub in OUTPUTS + (("eval",) if same else ()):  # the same evaluation too: nothing to redo
@@ -206,7 +203,6 @@ def run_point(sd: pathlib.Path, point: sp.Point, *, adopt: bool = False, log=pri
       log(f"mixie.sweep: point {point.name!r}: evaluating the experts of point {rec['owner']!r}")
       log(format_table(evaluate(config, log=log)))
   else:
-    from mixie.train.main import run
     log(f"mixie.sweep: point {point.name!r} in {wd}")
     summary = run(config, log=log, stop=stop)
     if summary["status"] != "finished":
@@ -230,8 +226,6 @@ def _stop_flag() -> Callable[[], bool]:
 def run_sweep(sweep, *, adopt: bool = False, log=print) -> dict[str, Any]:
   """Runs every point of `sweep` (skipping finished ones), then writes its report; returns a summary
   with `status` ("finished" or why it stopped) and the report's paths."""
-  from mixie.sweep import report
-
   points = validate(sweep)
   sd = sweep_dir(sweep)
   stop = _stop_flag()

@@ -32,7 +32,9 @@ from typing import Any
 
 import ml_collections
 
+from mixie.cluster.topics import _plain, step_settings  # one rule for JSON-plain config values
 from mixie.errors import ConfigError
+from mixie.train.branch import seed_settings
 
 # settings that never change what a point trains (the runner sets workdir and train.seed_dir itself)
 BOOKKEEPING = ("workdir", "train.seed_dir", "train.eval_after", "train.log_every", "train.checkpoint_every",
@@ -53,8 +55,6 @@ class Point:
 
 def flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """`{"section.field": JSON-plain value}` of a run config."""
-  from mixie.cluster.topics import _plain  # one rule for JSON-plain config values
-
   out: dict[str, Any] = {}
 
   def walk(d, prefix):
@@ -117,13 +117,11 @@ def _without(settings: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, A
 
 def data_key(config) -> str:
   """The key of the topics and dataset a run config trains on."""
-  from mixie.cluster.topics import step_settings
   return digest(step_settings(config)["dataset"])
 
 
 def seed_key(config) -> str:
   """The key of a run config's seed adapter."""
-  from mixie.train.branch import seed_settings
   return digest(seed_settings(config))
 
 
