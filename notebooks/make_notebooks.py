@@ -139,7 +139,8 @@ NOTEBOOKS = {"topics.ipynb": TOPICS, "experts.ipynb": EXPERTS}
 
 
 def sweep_cells() -> list:
-  """The cells of `sweep.ipynb`: the combined table and plots of a sweep directory (`mixie.sweep.report`)."""
+  """The cells of `sweep.ipynb`: the combined table and plots of a sweep directory
+  (`mixie.analysis.sweeps`)."""
   return [
       ("markdown", """\
 # mixie: a sweep
@@ -149,7 +150,7 @@ perplexity of every row (base, lora_all, lora_all_wide, full, the routed experts
 point, with each row's training tokens and FLOPs, and the plots against training tokens, FLOPs, the
 swept setting (k, rank, ...) and the routing prefix P.
 
-Every cell calls `mixie.sweep.report`; the figures are also written as PNG files into `FIGDIR`.
+Every cell calls `mixie.analysis`; the figures are also written as PNG files into `FIGDIR`.
 Headless: `MIXIE_SWEEP=... MIXIE_SWEEP_NAME=... MIXIE_FIGDIR=... jupyter nbconvert --execute ...`."""),
       ("code", INSTALL),
       ("parameters", '''\
@@ -161,28 +162,29 @@ FIGDIR = os.environ.get("MIXIE_FIGDIR", "")  # where PNGs go; "" = <SWEEP_DIR>/f
 PREFIX = None  # P of the plots against tokens, FLOPs and the setting; None = the sweep's choice'''),
       ("code", '''\
 %matplotlib inline
-from mixie.sweep import report
+from mixie import figures
+from mixie.analysis import sweeps
 
-FIGDIR = FIGDIR or f"{SWEEP_DIR.rstrip('/')}/figures"
-table = report.load_table(SWEEP_DIR, SWEEP_NAME)
+FIGDIR = figures.figure_dir(SWEEP_DIR, FIGDIR)
+table = sweeps.load_table(SWEEP_DIR, SWEEP_NAME)
 print(f"sweep {table['name']} in {SWEEP_DIR}: {len(table['points'])} points\\nfigures: {FIGDIR}")'''),
       ("markdown", "## The table\nPerplexity per point, P and row, then every row with its training compute."),
-      ("code", "print(report.markdown(table))"),
+      ("code", "print(sweeps.markdown(table))"),
       ("markdown", "## Perplexity against training compute\nOne line per row (and series); the base is the "
                    "dashed line. Equal x means equal training tokens (or FLOPs)."),
-      ("code", "report.plot_vs_compute(table, by=\"tokens\", prefix=PREFIX, save_dir=FIGDIR)"),
-      ("code", "report.plot_vs_compute(table, by=\"flops\", prefix=PREFIX, save_dir=FIGDIR)"),
+      ("code", "sweeps.plot_vs_compute(table, by=\"tokens\", prefix=PREFIX, save_dir=FIGDIR)"),
+      ("code", "sweeps.plot_vs_compute(table, by=\"flops\", prefix=PREFIX, save_dir=FIGDIR)"),
       ("markdown", "## Perplexity against the swept setting\nk, rank, tokens per expert, ... (when the sweep "
                    "varies one)."),
       ("code", '''\
-setting = report.swept_setting(table)
-report.plot_vs_setting(table, setting, prefix=PREFIX, save_dir=FIGDIR) if setting else print("no setting varies")'''),
+setting = sweeps.swept_setting(table)
+sweeps.plot_vs_setting(table, setting, prefix=PREFIX, save_dir=FIGDIR) if setting else print("no setting varies")'''),
       ("markdown", "## The routing prefix P\nPerplexity and routing accuracy against P (when evaluated at "
                    "several P)."),
       ("code", '''\
-if report.several_prefixes(table):
-  display(report.plot_vs_prefix(table, metric="ppl", save_dir=FIGDIR))
-  display(report.plot_vs_prefix(table, metric="routing_accuracy", save_dir=FIGDIR))'''),
+if sweeps.several_prefixes(table):
+  display(sweeps.plot_vs_prefix(table, metric="ppl", save_dir=FIGDIR))
+  display(sweeps.plot_vs_prefix(table, metric="routing_accuracy", save_dir=FIGDIR))'''),
   ]
 
 

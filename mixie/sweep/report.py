@@ -1,4 +1,4 @@
-"""A sweep's combined table and plots, and their loaders (for notebooks: `load_table`, `plot_*`).
+"""A sweep's combined table and plots, and their loaders (notebooks read them as `mixie.analysis.sweeps`).
 
 The table has one row per (point, routing prefix P, evaluation row), read from each point's
 `eval/results.json` and `point.json`:
@@ -24,6 +24,8 @@ import numpy as np
 
 from mixie import io as mio
 from mixie.compute import format_flops
+from mixie.errors import MixieError
+from mixie.figures import new_figure, save_figure
 
 TABLE_JSON, TABLE_MD = "table.json", "table.md"
 PREFIX_FIELD = "eval.prefix_tokens"
@@ -81,7 +83,6 @@ def load_table(sweep_dir, name: str = "") -> dict[str, Any]:
   if not name:
     names = sorted(p.name for p in d.iterdir()) if d.exists() else []
     if len(names) != 1:
-      from mixie.errors import MixieError
       raise MixieError(f"{d}: name one of the sweeps reported there: {names}")
     name = names[0]
   return mio.read_json(report_dir(sweep_dir, name) / TABLE_JSON)
@@ -125,14 +126,8 @@ def markdown(table: dict[str, Any]) -> str:
 # Plots (each returns a matplotlib Figure; `save_dir` also writes it as PNG).
 
 
-def _figure(width, height):
-  from mixie.analysis import new_figure  # at call time: mixie.analysis re-exports this module
-  return new_figure(width, height)
-
-
 def _save(fig, save_dir, name):
   if save_dir is not None:
-    from mixie.analysis import save_figure
     save_figure(fig, save_dir, name)
   return fig
 
@@ -167,7 +162,7 @@ def plot_vs_compute(table: dict[str, Any], *, by: str = "tokens", prefix: int | 
   """Perplexity (at P) against each row's training tokens or FLOPs (`by`); the base is a dashed line."""
   p = _prefix(table, prefix)
   rows = [r for r in table["rows"] if r["prefix"] == p]
-  fig = _figure(7.5, 4.8)
+  fig = new_figure(7.5, 4.8)
   ax = fig.add_subplot()
   base = [r["ppl"] for r in rows if r["row"] == "base"]
   if base:
@@ -186,7 +181,7 @@ def plot_vs_setting(table: dict[str, Any], setting: str, *, prefix: int | None =
   """Perplexity (at P) against a point setting (`k`, `rank`, `tokens_per_expert`, ...)."""
   p = _prefix(table, prefix)
   rows = [r for r in table["rows"] if r["prefix"] == p]
-  fig = _figure(7.5, 4.8)
+  fig = new_figure(7.5, 4.8)
   ax = fig.add_subplot()
   for label, pts in _lines(rows, "ppl", lambda r: r.get(setting)).items():
     ax.plot(*zip(*pts), marker="o", ls="--" if label.startswith("base") else "-", label=label)
@@ -203,7 +198,7 @@ def plot_vs_prefix(table: dict[str, Any], *, metric: str = "ppl", save_dir=None)
   is 1 by definition) against P, one line per row (and point, when there are several)."""
   rows = [r for r in table["rows"] if r[metric] is not None and not (metric != "ppl" and r["row"] == "oracle")]
   multi = len({r["point"] for r in rows}) > 1
-  fig = _figure(7.5, 4.8)
+  fig = new_figure(7.5, 4.8)
   ax = fig.add_subplot()
   lines: dict[str, list] = {}
   for r in rows:
