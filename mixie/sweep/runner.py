@@ -34,8 +34,6 @@ from __future__ import annotations
 import copy
 import os
 import pathlib
-import signal
-import threading
 import time
 from typing import Any, Callable
 
@@ -46,7 +44,7 @@ from mixie.evaluate.run import evaluate, format_table
 from mixie.sweep import report
 from mixie.sweep import spec as sp
 from mixie.train.main import _inputs_missing  # the main job's rule for "topics or dataset missing"
-from mixie.train.main import run, validate_config
+from mixie.train.main import _stopper, run, validate_config
 
 OUTPUTS = ("experts", "lora_all", "lora_all_wide", "full")  # what an evaluation-only point links to
 POINT_JSON, TRAINED_JSON, DONE_JSON = "point.json", "trained.json", "done.json"
@@ -215,20 +213,12 @@ def run_point(sd: pathlib.Path, point: sp.Point, *, adopt: bool = False, log=pri
   return "done"
 
 
-def _stop_flag() -> Callable[[], bool]:
-  """A SIGTERM handler that asks the running point to checkpoint and the sweep to stop."""
-  flag = threading.Event()
-  if threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGTERM, lambda *_: flag.set())
-  return flag.is_set
-
-
 def run_sweep(sweep, *, adopt: bool = False, log=print) -> dict[str, Any]:
   """Runs every point of `sweep` (skipping finished ones), then writes its report; returns a summary
   with `status` ("finished" or why it stopped) and the report's paths."""
   points = validate(sweep)
   sd = sweep_dir(sweep)
-  stop = _stop_flag()
+  stop = _stopper()  # SIGTERM: the running point checkpoints and the sweep stops
   for i, p in enumerate(points):
     status = run_point(sd, p, adopt=adopt, log=log, stop=stop)
     if status != "done" or (stop() and i + 1 < len(points)):
