@@ -23,7 +23,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- corpus and held-out split ----------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
-  c.data.source = "wiki_summaries"  # "wiki_summaries" (shipped), "jsonl", "text", or "tfds"
+  # "wiki_summaries" (shipped), "wiki_stdlib" (the summaries + this interpreter's standard library, code
+  # and docstrings, labelled by origin: mixie.data.stdlib_corpus), "jsonl", "text", or "tfds"
+  c.data.source = "wiki_summaries"
   c.data.path = ""  # jsonl: file/dir/glob; text: dir of .txt files; tfds: dataset name (e.g. "c4/en")
   c.data.text_field = "text"  # jsonl/tfds: field holding the document text
   c.data.label_field = ""  # jsonl/tfds: optional field with a reference topic label (for NMI/ARI)
@@ -86,7 +88,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 1  # steps between metric lines
   c.train.max_steps = 0  # 0 = until every expert reached its budget
   c.train.schedule = "cosine"  # per-expert LR schedule after warm-up: "cosine" or "constant"
-  c.train.baselines = ("lora_all",)  # trained after the experts, same tokens: "lora_all", "full" (CPT)
+  # trained after the experts, on the same total tokens: "lora_all" (one LoRA on all data, the experts'
+  # rank: matched on tokens), "lora_all_wide" (the same at rank E·r for E trained experts, alpha scaled
+  # with it: matched on parameters), "full" (continued pre-training of the whole base)
+  c.train.baselines = ("lora_all",)
+  c.train.wide_rank_cap = 0  # lora_all_wide's rank: min(E·r, this); 0 = no cap (E·r)
+  # how experts start: "scratch" (A random, B = 0) or "seed" (every expert branches from the seed
+  # adapter, an all-data LoRA of the experts' rank/alpha/targets, with fresh optimizer state)
+  c.train.init = "scratch"
+  # init="seed": with S = the sum of the experts' scratch budgets (= a scratch row's and lora_all's
+  # tokens), the seed trains on seed_fraction * S tokens of all data and each branch on
+  # (1 - seed_fraction) of its own budget, so the branched row also costs S tokens; in (0, 1)
+  c.train.seed_fraction = 0.5
+  c.train.seed_dir = ""  # init="seed": the seed adapter's directory; "" = <workdir>/seed (sweeps share one)
   c.train.run_missing = True  # run the cluster stage when workdir/topics or workdir/dataset is missing
   c.train.keep_checkpoints = 2  # newest checkpoints kept per training run
   c.train.eval_after = True  # end with the held-out perplexity table (base, baselines, experts)

@@ -1,7 +1,8 @@
-"""Corpus sources: the shipped Wikipedia summaries, JSONL, plain-text directories and TFDS datasets.
+"""Corpus sources: the shipped Wikipedia summaries, JSONL, plain-text directories and TFDS datasets, and
+`wiki_stdlib` (the summaries mixed with this interpreter's standard library: `mixie.data.stdlib_corpus`).
 
-Documents come in source order (files sorted by name), except the shipped summaries, which are
-ordered by a hash of their title because the file itself is sorted by topic.
+Documents come in source order (files sorted by name), except the shipped summaries (and wiki_stdlib),
+which are ordered by a hash of their title because the file itself is sorted by topic.
 
 Every source streams `Document`s through the same filter:
 - the text is Unicode-NFC normalised and stripped of leading/trailing whitespace;
@@ -31,10 +32,12 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from mixie import assets
+from mixie.data import stdlib_corpus
 from mixie.errors import ConfigError, MixieError, check
 from mixie.io import path as _path
 
-SOURCES = ("wiki_summaries", "jsonl", "text", "tfds")
+SOURCES = ("wiki_summaries", "jsonl", "text", "tfds", "wiki_stdlib")
+_BUILTIN = ("wiki_summaries", "wiki_stdlib")  # sources that need no data.path
 _GLOB_CHARS = "*?["
 _STAT_KEYS = ("read", "kept", "heldout", "empty", "duplicate", "non_utf8", "malformed", "missing_text")
 # why a record is dropped; every cause but "duplicate" makes the record unusable ("bad")
@@ -117,7 +120,7 @@ def validate_data_config(data_cfg) -> None:
   """Checks the `data` config section before any work; raises `ConfigError` naming the field."""
   check(data_cfg.source in SOURCES,
         f"data.source={data_cfg.source!r}: must be one of {', '.join(SOURCES)}", ConfigError)
-  if data_cfg.source != "wiki_summaries":
+  if data_cfg.source not in _BUILTIN:
     check(bool(data_cfg.path), f"data.path is required with data.source={data_cfg.source!r}", ConfigError)
   check(0.0 <= float(data_cfg.heldout_fraction) < 1.0,
         f"data.heldout_fraction={data_cfg.heldout_fraction}: must be in [0, 1)", ConfigError)
@@ -289,9 +292,9 @@ def _tfds_raw(name: str, split: str, data_dir: str, text_field: str, label_field
 def _raw_source(data_cfg) -> Iterator[_Raw]:
   """Resolves files (failing now, not at the first `next`) and returns the raw record stream."""
   src = data_cfg.source
-  if src == "wiki_summaries":
+  if src in _BUILTIN:
     assets.wiki_summaries_json()  # fails now if the asset package is missing
-    return _wiki_raw()
+    return _wiki_raw() if src == "wiki_summaries" else stdlib_corpus.wiki_stdlib_raw(_wiki_raw())
   if src == "jsonl":
     files = _glob_files(data_cfg.path, ("*.jsonl", "*.jsonl.gz"), "JSONL")
     return _jsonl_raw(files, data_cfg.text_field, data_cfg.label_field)
@@ -314,6 +317,8 @@ def check_corpus(data_cfg) -> None:
 
 
 def _describe(data_cfg) -> str:
+  if data_cfg.source == "wiki_stdlib":
+    return "the shipped Wikipedia summaries + this interpreter's standard library"
   return "the shipped Wikipedia summaries" if data_cfg.source == "wiki_summaries" else (
       f"data.path={data_cfg.path!r} ({data_cfg.source})")
 
@@ -332,6 +337,8 @@ def iter_documents(data_cfg, stats: dict[str, Any] | None = None) -> Iterator[Do
   stats = {} if stats is None else stats
   for k in _STAT_KEYS:
     stats.setdefault(k, 0)
+  if data_cfg.source == "wiki_stdlib":  # the interpreter version and sizes the corpus depends on
+    stats.update(stdlib_corpus.source_info())
   stats["max_docs_reached"] = False
   stats.setdefault("first_bad", None)
   return _filter(raw, data_cfg, stats)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from mixie.distributed import is_main_process
 from mixie.errors import MixieError
 from mixie.store import ExpertMeta, ExpertStore
+from mixie.train import branch
 from mixie.train import ckpt as ckpt_lib
 from mixie.train.divergence import DivergenceMonitor, DivergenceRule
 from mixie.train.metrics import MetricsWriter
@@ -50,6 +51,7 @@ class LoopResult:
   state: Any = None  # the final train state (on device)
   written: list = dataclasses.field(default_factory=list)  # topics written to the store by this call
   diverged: dict = dataclasses.field(default_factory=dict)  # topic -> why, of every finished expert
+  tokens_total: int = 0  # tokens of the whole run, earlier calls (before a resume) included
 
 
 def _gather_slots(tree, slots: list[int]):
@@ -75,7 +77,7 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
                metrics: MetricsWriter | None = None, expert_meta: Callable[[int], Mapping] | None = None,
                stop: Callable[[], bool] | None = None, progress: bool = True,
                on_saved: Callable[[int], None] | None = None, keep_checkpoints: int = 2,
-               divergence: DivergenceRule | None = None) -> LoopResult:
+               divergence: DivergenceRule | None = None, init_params=None) -> LoopResult:
   """Trains until every scheduled expert reached its budget (or `max_steps`, or `stop()`).
 
   Args:
@@ -96,6 +98,8 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
     on_saved: called with the step after each checkpoint is saved (tests use it).
     keep_checkpoints: newest checkpoints kept.
     divergence: when a finished expert counts as diverged (`LoopResult.diverged`); None: the defaults.
+    init_params: one expert every slot starts from (a seed adapter: `mixie.train.branch`), with fresh
+      optimizer state; None: fresh experts.
   """
   comp = compile_fns(spec, mesh, rules, jax.eval_shape(lambda: base))
   frozen = base if spec.lora_mode else None  # "full" trains the base itself
@@ -126,6 +130,8 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
       for e, t in enumerate(topics_e):
         loader.set_slot(e, int(t))
       state = create_state(spec, mesh, rules, base, np.maximum(topics_e, 0), horizon_e, comp)
+      if init_params is not None:  # branched experts start from the seed adapter
+        state = branch.start_from(state, init_params, topics_e >= 0)
       step, tokens_total = 0, 0
 
     total_steps = _estimate_steps(scheduler, tokens_per_step, E)
@@ -227,6 +233,8 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
           for e, t in new.items():
             mask[e], topics[e], horizon[e] = True, t, scheduler.horizon_steps(t, tokens_per_step)
           state = comp.reset(state, base, mask, topics, horizon)
+          if init_params is not None:
+            state = branch.start_from(state, init_params, mask)
       if bar is not None:
         bar.update(1)
         el = time.time() - t_start
@@ -242,7 +250,7 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
     ckpt.wait()
     return LoopResult(status=status, step=step, tokens=tokens_total - tok_start,
                       seconds=time.time() - t_start, state=state, written=written,
-                      diverged=dict(monitor.diverged))
+                      diverged=dict(monitor.diverged), tokens_total=tokens_total)
   finally:
     ckpt.close()
 
