@@ -142,10 +142,12 @@ def source_info() -> dict:
 
 
 def wiki_stdlib_raw(wiki_raw: Iterable[tuple]) -> Iterator[tuple]:
-  """The raw records `(text, label, title, problem)` of the mixed corpus: the summaries (labels
-  prefixed `wiki/`) and the standard-library documents, all in title-hash order."""
-  recs = [(text, None if label is None else f"wiki/{label}", title, problem)
-          for text, label, title, problem in wiki_raw]
-  recs += [(text, label, title, None) for text, label, title in stdlib_documents(str(stdlib_root()))[0]]
+  """The raw records `(text, label, title, problem, where)` of the mixed corpus: the summaries (labels
+  prefixed `wiki/`) and the standard-library documents (`where` = their file), all in title-hash order."""
+  recs = [(text, None if label is None else f"wiki/{label}", title, problem, where)
+          for text, label, title, problem, where in wiki_raw]
+  base = stdlib_root()
+  recs += [(text, label, title, None, f"{base}/{title}")
+           for text, label, title in stdlib_documents(str(base))[0]]
   recs.sort(key=lambda r: _hash(r[2]))
   yield from recs

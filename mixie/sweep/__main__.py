@@ -1,4 +1,5 @@
-"""`python -m mixie.sweep --config=configs/sweeps/NAME.py[:variant] [--workdir=DIR] [--adopt] [--report_only]`.
+"""`python -m mixie.sweep --config=configs/sweeps/NAME.py[:variant] [--workdir=DIR] [--adopt] [--only=P1,P2]
+[--report_only]`.
 
 Runs every point of the sweep that is not finished (see `mixie.sweep.runner`), then writes the combined
 table and plots into `<workdir>/reports/<name>/`. A killed or SIGTERM-ed sweep resumes with the same
@@ -13,6 +14,8 @@ from absl import flags
 from mixie import cli
 
 _ADOPT = flags.DEFINE_bool("adopt", False, "take existing points/<name>/ work directories as those points")
+_ONLY = flags.DEFINE_list("only", [], "run only these points (comma-separated names); the report covers every "
+                          "finished point")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "only write the table and plots of finished points")
 
 
@@ -27,7 +30,7 @@ def main(argv) -> int:
     paths = report.write_report(runner.sweep_dir(sweep), sweep, points)
     print(f"mixie.sweep: report in {paths['dir']}")
     return 0
-  summary = runner.run_sweep(sweep, adopt=_ADOPT.value)
+  summary = runner.run_sweep(sweep, adopt=_ADOPT.value, only=_ONLY.value)
   return 0 if summary["status"] in ("finished", "preempted") else 1
 
 

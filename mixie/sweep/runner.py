@@ -35,7 +35,7 @@ import copy
 import os
 import pathlib
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from mixie import io as mio
 from mixie.cluster.topics import run_cluster, step_settings, summary_line
@@ -213,17 +213,25 @@ def run_point(sd: pathlib.Path, point: sp.Point, *, adopt: bool = False, log=pri
   return "done"
 
 
-def run_sweep(sweep, *, adopt: bool = False, log=print) -> dict[str, Any]:
-  """Runs every point of `sweep` (skipping finished ones), then writes its report; returns a summary
-  with `status` ("finished" or why it stopped) and the report's paths."""
+def run_sweep(sweep, *, adopt: bool = False, only: Sequence[str] = (), log=print) -> dict[str, Any]:
+  """Runs every point of `sweep` (skipping finished ones; only the points named in `only` when it is
+  not empty), then writes its report (of every finished point); returns a summary with `status`
+  ("finished" or why it stopped) and the report's paths."""
   points = validate(sweep)
   sd = sweep_dir(sweep)
+  names = [p.name for p in points]
+  unknown = [n for n in only if n not in names]
+  if unknown:
+    raise ConfigError(f"--only: no point(s) {unknown} in sweep {sweep.name!r}; its points: {names}")
+  todo = [p for p in points if not only or p.name in only]
   stop = _stopper()  # SIGTERM: the running point checkpoints and the sweep stops
-  for i, p in enumerate(points):
+  for i, p in enumerate(todo):
     status = run_point(sd, p, adopt=adopt, log=log, stop=stop)
-    if status != "done" or (stop() and i + 1 < len(points)):
+    if status != "done" or (stop() and i + 1 < len(todo)):
       log(f"mixie.sweep: stopped in point {p.name!r} ({status}); rerun the same command to resume")
       return {"status": status if status != "done" else "preempted", "point": p.name}
-  paths = report.write_report(sd, sweep, points)
-  log(f"mixie.sweep: {len(points)} points done; table and plots in {paths['dir']}")
+  done = [p for p in points if (sd / "points" / p.name / DONE_JSON).exists()]  # `only`: maybe not all
+  paths = report.write_report(sd, sweep, done)
+  log(f"mixie.sweep: {len(todo)} points done ({len(done)} of {len(points)} in the report); "
+      f"table and plots in {paths['dir']}")
   return {"status": "finished", **paths}
