@@ -57,9 +57,9 @@ def topic_keywords(n_topics: int, n_keywords: int, seed: int, pool_size: int) ->
   return out
 
 
-def synthetic_raw(data_cfg) -> Iterator[tuple[str, str, str, None]]:
-  """The corpus as raw records `(text, label, title, None)` for `mixie.data.corpus` (its filter then
-  normalises, de-duplicates, holds out and caps them like any source's)."""
+def synthetic_raw(data_cfg) -> Iterator[tuple[str, str, str, None, str]]:
+  """The corpus as raw records `(text, label, title, None, where)` for `mixie.data.corpus` (its filter
+  then normalises, de-duplicates, holds out and caps them like any source's)."""
   validate_synthetic_config(data_cfg)
   seed = int(data_cfg.synthetic_seed)
   pool = word_pool()
@@ -72,4 +72,5 @@ def synthetic_raw(data_cfg) -> Iterator[tuple[str, str, str, None]]:
       own = rng.random(n_words) < share
       words = np.where(own, keys[t][rng.integers(0, keys.shape[1], n_words)],
                        rng.integers(0, len(pool), n_words))
-      yield " ".join(pool[w] for w in words), str(t), f"synthetic topic {t} document {j}", None
+      title = f"synthetic topic {t} document {j}"
+      yield " ".join(pool[w] for w in words), str(t), title, None, title
