@@ -49,6 +49,7 @@ class MetricsWriter:
       if cls is None:
         log(f"mixie.train: TensorBoard mirror off (tensorboardX is not installed); metrics go to {self.path}")
       else:
+        note_write(tb_dir)  # tensorboardX writes its event files itself
         self._tb = cls(str(tb_dir))
 
   def truncate_after(self, mode: str, step: int) -> None:
