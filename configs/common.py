@@ -24,7 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
   # --- corpus and held-out split ----------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
   # "wiki_summaries" (shipped), "wiki_stdlib" (the summaries + this interpreter's standard library, code
-  # and docstrings, labelled by origin: mixie.data.stdlib_corpus), "jsonl", "text", or "tfds"
+  # and docstrings, labelled by origin: mixie.data.stdlib_corpus), "jsonl", "text", "tfds" or
+  # "synthetic" (E known topics for scale simulations: mixie.data.synthetic)
   c.data.source = "wiki_summaries"
   c.data.path = ""  # jsonl: file/dir/glob; text: dir of .txt files; tfds: dataset name (e.g. "c4/en")
   c.data.text_field = "text"  # jsonl/tfds: field holding the document text
@@ -34,6 +35,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_docs = 0  # 0 = all; else the first max_docs kept (shipped summaries: in title-hash order)
   c.data.heldout_fraction = 0.05  # fraction of documents held out (by document id, fixed seed)
   c.data.heldout_seed = 0  # salt of the held-out hash; fixed apart from c.seed so runs share one split
+  c.data.synthetic_topics = 50  # synthetic: topics E (mixie.data.synthetic; words of the shipped vocab)
+  c.data.synthetic_docs_per_topic = 4  # synthetic: documents per topic
+  c.data.synthetic_words = 40  # synthetic: words (= tokens) per document
+  c.data.synthetic_keywords = 8  # synthetic: keywords per topic
+  c.data.synthetic_topic_share = 0.6  # synthetic: fraction of a document's words from its topic's keywords
+  c.data.synthetic_seed = 0  # synthetic: seed of the keywords and documents
   # refuse the corpus when more than this share of the records read is unusable (bad JSON, no text
   # field, empty or non-UTF-8 text; exact duplicates do not count); the error names the first such record
   c.data.max_bad_fraction = 0.01

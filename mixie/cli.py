@@ -28,11 +28,14 @@ def config_from_flags(argv, *, positional: int = 0):
   """The config from `--config` (with overrides) and `--workdir`; ConfigError on a config that does not
   load, on none, or on more than `positional` positional arguments.
 
-  Also quiets INFO logging from jax/orbax/tfds.
+  Also quiets INFO logging from jax/orbax/tfds, and starts the multi-process runtime when this process
+  is one of a multi-process run (`mixie.distributed.maybe_initialize`), before any device is touched.
   """
   if len(argv) > 1 + positional:
     raise ConfigError(f"unexpected arguments: {argv[1 + positional:]}")
   logging.set_verbosity(logging.WARNING)
+  from mixie.distributed import maybe_initialize  # deferred: jax's import; --help answers without it
+  maybe_initialize()
   config = _CONFIG.value
   if config is None:
     raise ConfigError("--config is required (e.g. --config=configs/demo.py)")

@@ -2,6 +2,11 @@
 
 Every file mixie writes goes to a temporary name first and is renamed into place, so a killed run
 never leaves a file that looks complete but is not.
+
+With `MIXIE_WRITE_LOG=DIR` set, every write (`atomic_write_bytes`, and the writers that cannot go
+through it: metric appends, the TFDS dataset) is also recorded as one line, the path, in
+`DIR/writes.p<process index>.log`: the tests check with it that only process 0 of a multi-process run
+writes files.
 """
 
 from __future__ import annotations
@@ -25,9 +30,26 @@ def path(p: PathLike) -> epath.Path:
   return epath.Path(p)
 
 
+def note_write(p: PathLike) -> None:
+  """Records that this process wrote `p` when `MIXIE_WRITE_LOG` names a directory (else nothing)."""
+  log_dir = os.environ.get("MIXIE_WRITE_LOG")
+  if not log_dir:
+    return
+  import jax  # the process index; jax is loaded already wherever mixie writes
+
+  os.makedirs(log_dir, exist_ok=True)
+  fd = os.open(os.path.join(log_dir, f"writes.p{jax.process_index()}.log"),
+               os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+  try:
+    os.write(fd, (str(p) + "\n").encode("utf-8"))
+  finally:
+    os.close(fd)
+
+
 def atomic_write_bytes(p: PathLike, data: bytes) -> None:
   """Writes `data` to `p` via a temporary sibling and a rename."""
   p = path(p)
+  note_write(p)
   p.parent.mkdir(parents=True, exist_ok=True)
   tmp = p.parent / f".{p.name}.tmp-{uuid.uuid4().hex[:8]}"
   tmp.write_bytes(data)

@@ -229,3 +229,36 @@ def test_loader_from_config(data):
   assert b["inputs"].shape == (2, 2, 24) and not (b["inputs"] == BOS).any()
   Tok.add_bos = True
   assert (loader_from_config(cfg, src, [0], Tok()).next_batch()["inputs"][0, 0, 0]) == BOS
+
+
+def test_local_slots_read_only_their_documents(data):
+  """A process that holds slots 0 and 2 reads only their topics' records; its rows of those slots, and
+  every slot's token counts and cursors, equal a loader that reads everything."""
+  src, _ = data
+
+  class Counting:
+    def __init__(self, inner):
+      self.inner, self.read = inner, set()
+
+    def __getattr__(self, name):
+      return getattr(self.inner, name)
+
+    def __getitems__(self, idx):
+      self.read.update(int(i) for i in idx)
+      return self.inner.__getitems__(idx)
+
+  counting = Counting(src)
+  full, part = _loader(src, [0, 3, 1, -1]), _loader(counting, [0, 3, 1, -1])
+  part.set_local_slots([0, 2])
+  for step in range(8):
+    a, b = full.next_batch(), part.next_batch()
+    np.testing.assert_array_equal(a["slot_tokens"], b["slot_tokens"])
+    np.testing.assert_array_equal(a["loss_mask"], b["loss_mask"])
+    for k in ("inputs", "targets"):
+      np.testing.assert_array_equal(a[k][[0, 2]], b[k][[0, 2]])
+      assert (b[k][[1, 3]] == PAD).all()
+    if step == 3:  # a refill keeps both in step
+      full.set_slot(1, 2)
+      part.set_slot(1, 2)
+  assert full.state() == part.state()
+  assert counting.read and set(src.topics[sorted(counting.read)]) <= {0, 1}

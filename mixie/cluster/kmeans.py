@@ -16,6 +16,8 @@
   a capacity-constrained greedy assignment (each point proposes to its nearest cluster that still has
   room, a cluster keeps its closest proposers) alternates with centroid updates until nothing moves.
 - `n_init` restarts keep the result with the lowest inertia.
+- The mesh may span several processes (`mixie.distributed`): every process passes the same points,
+  places only the rows of its own devices, and gets the assignment back all-gathered.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mixie.distributed import to_host
 from mixie.errors import MixieError
 
 METRICS = ("cosine", "l2")
@@ -55,7 +58,7 @@ class KMeansResult:
 
 def _mesh(mesh: Mesh | None) -> Mesh:
   if mesh is None:
-    return Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    return Mesh(np.asarray(jax.local_devices()[:1]), ("data",))  # this process's own device
   if "data" not in mesh.shape:
     raise ValueError(f"k-means needs a mesh with a 'data' axis, got axes {mesh.axis_names}")
   return mesh
@@ -415,9 +418,9 @@ def kmeans(x_nd: np.ndarray, k: int, *, metric: str = "cosine", n_init: int = 1,
     inertia = float(np.sum(dist, dtype=np.float64))
     sizes = np.bincount(a, minlength=k)
   else:
-    a = np.asarray(a)[:n]
-    sizes = np.rint(np.asarray(counts)).astype(np.int64)
-  return KMeansResult(centroids_kd=np.asarray(c, np.float32), assign_n=a.astype(np.int32),
+    a = to_host(a)[:n]
+    sizes = np.rint(to_host(counts)).astype(np.int64)
+  return KMeansResult(centroids_kd=to_host(c).astype(np.float32), assign_n=a.astype(np.int32),
                       inertia=inertia, sizes_k=sizes, n_iter=iters, metric=metric)
 
 
@@ -455,14 +458,14 @@ def _balanced_refine(x_dev, w_dev, c_kd, *, n, k, cap, metric, chunk, mesh, roun
   def refill_for(c_kd):
     def refill(points, open_k):
       if not x_host:
-        x_host.append(np.asarray(x_dev)[:n])
+        x_host.append(to_host(x_dev)[:n])
       mm = min(m, int(open_k.sum()))
       # pad to a power of two (>= 64 rows per shard) so that few shapes compile
       ch, sub_pad = _layout(max(64 * shards, 1 << (len(points) - 1).bit_length()), chunk, shards)
       bias = jnp.asarray(np.where(open_k, 0.0, -np.inf).astype(np.float32))
       idx, dist = _nearest_fn(mesh, metric, ch, mm)(_put_rows(x_host[0][points], sub_pad, rows), c_kd,
                                                    bias)
-      idx, dist = np.asarray(idx)[:len(points)], np.asarray(dist)[:len(points)]
+      idx, dist = to_host(idx)[:len(points)], to_host(dist)[:len(points)]
       if mm < m:  # repeat the last candidate to keep m columns
         idx = np.concatenate([idx, np.repeat(idx[:, -1:], m - mm, 1)], 1)
         dist = np.concatenate([dist, np.repeat(dist[:, -1:], m - mm, 1)], 1)
@@ -472,22 +475,22 @@ def _balanced_refine(x_dev, w_dev, c_kd, *, n, k, cap, metric, chunk, mesh, roun
   a_n = None
   for _ in range(rounds):
     idx, dist = _nearest_fn(mesh, metric, chunk, m)(x_dev, c_kd, jnp.zeros((k,), jnp.float32))
-    new_a = _capacity_assign(np.asarray(idx)[:n], np.asarray(dist)[:n], cap, k, refill_for(c_kd))
+    new_a = _capacity_assign(to_host(idx)[:n], to_host(dist)[:n], cap, k, refill_for(c_kd))
     changed = a_n is None or not np.array_equal(new_a, a_n)
     a_n = new_a
     a_pad = np.zeros(n_pad, np.int32)
     a_pad[:n] = a_n
-    a_dev = jax.device_put(a_pad, vec)
+    a_dev = _put_rows(a_pad, n_pad, vec)
     if not changed:
       break
     sums, _ = stats(x_dev, w_dev, c_kd, a_dev)
     counts = np.bincount(a_n, minlength=k).astype(np.float32)
-    c_new = np.asarray(sums) / np.maximum(counts, 1)[:, None]
+    c_new = to_host(sums) / np.maximum(counts, 1)[:, None]
     if metric == "cosine":
       c_new /= np.maximum(np.linalg.norm(c_new, axis=-1, keepdims=True), 1e-12)
-    c_kd = jnp.asarray(np.where(counts[:, None] > 0, c_new, np.asarray(c_kd)))
+    c_kd = jnp.asarray(np.where(counts[:, None] > 0, c_new, to_host(c_kd)))
   _, dist_n = stats(x_dev, w_dev, c_kd, a_dev)
-  return np.asarray(c_kd), a_n, np.asarray(dist_n)[:n]
+  return to_host(c_kd), a_n, to_host(dist_n)[:n]
 
 
 def assign(x_nd: np.ndarray, centroids_kd: np.ndarray, metric: str = "cosine", chunk: int = 8192,
@@ -511,5 +514,5 @@ def assign(x_nd: np.ndarray, centroids_kd: np.ndarray, metric: str = "cosine", c
   x_dev = _put_rows(x_nd, n_pad, NamedSharding(mesh, P("data", None)))
   idx, dist = _nearest_fn(mesh, metric, chunk, 1)(x_dev, jnp.asarray(c),
                                                   jnp.zeros((c.shape[0],), jnp.float32))
-  a, dd = np.asarray(idx)[:n, 0], np.asarray(dist)[:n, 0]
+  a, dd = to_host(idx)[:n, 0], to_host(dist)[:n, 0]
   return (a, dd) if return_dist else a

@@ -25,18 +25,19 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
-import time
 from typing import Any
 
+import jax
 import numpy as np
 
+from mixie import distributed as dist
 from mixie import io as mio
 from mixie.cluster import kmeans as km
 from mixie.cluster.embed import make_embedder, validate_cluster_embed_config
 from mixie.cluster.hdbscan import umap_hdbscan
 from mixie.cluster.kmeans import METRICS
 from mixie.cluster.metrics import cluster_quality
+from mixie.cluster.steps import StepLog, plain, step_settings
 from mixie.data import dataset as ds
 from mixie.data.corpus import corpus_report, load_corpus, validate_data_config
 from mixie.data.dataset import topic_token_counts
@@ -48,7 +49,6 @@ from mixie.sharding import make_mesh
 from mixie.validate import check_run_inputs
 
 METHODS = ("kmeans", "hdbscan")
-STEPS = ("embed", "cluster", "dataset")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -167,98 +167,17 @@ def _check_against_corpus(config, n_train: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Step settings (what a marker records) and markers.
-
-
-def _plain(x):
-  return json.loads(json.dumps(x, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
-
-
-def step_settings(config) -> dict[str, dict]:
-  """The config fields (flat `section.field` names) each step's output depends on; a step includes
-  the fields of the steps before it."""
-  cc = config.cluster
-  embed = {f"data.{k}": v for k, v in _plain(config.data.to_dict()).items()}
-  embed.update({"cluster.embedder": cc.embedder, "cluster.embed_tokens": cc.embed_tokens})
-  model = {f"model.{k}": config.model.get(k) for k in ("source", "path", "preset")}
-  if cc.embedder == "tfidf":
-    embed.update({"cluster.tfidf_dim": cc.tfidf_dim, "seed": config.seed})
-  if cc.embedder == "base":
-    embed.update(model)
-  fields = ["method", "metric", "silhouette_sample"]
-  fields += (["k", "n_init", "max_iters", "tol", "balanced_max_size"] if cc.method == "kmeans" else
-             ["umap_dim", "umap_neighbors", "min_cluster_size"])
-  cluster = {**embed, "seed": config.seed, **{f"cluster.{f}": _plain(cc[f]) for f in fields}}
-  return {"embed": embed, "cluster": cluster, "dataset": {**cluster, **model}}
-
-
-def _diff(old: dict, new: dict) -> list[str]:
-  return [f"{k}={old.get(k)!r} there, {new.get(k)!r} in the config"
-          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-
-
-class _Steps:
-  """Completion markers and the step log of one work directory."""
-
-  def __init__(self, workdir, settings: dict[str, dict]):
-    self.dir = topics_dir(workdir)
-    self.settings = settings
-    self.log: list[dict] = []
-
-  def marker(self, step):
-    return self.dir / "done" / f"{step}.json"
-
-  def done(self, step) -> bool:
-    """True when `step` completed with these settings; `ConfigError` when with other settings."""
-    m = self.marker(step)
-    if not m.exists():
-      return False
-    try:
-      old = mio.read_json(m)["settings"]
-    except (MixieError, KeyError, TypeError):
-      return False  # unreadable marker: redo the step
-    diffs = _diff(old, self.settings[step])
-    if diffs:
-      raise ConfigError(
-          f"{self.dir}: the {step} step was run with other settings ({'; '.join(diffs[:4])}). "
-          "Use a fresh --workdir, or delete the topics (and anything trained on them) to redo it")
-    return True
-
-  def start(self, step) -> float:
-    for later in STEPS[STEPS.index(step):]:
-      if self.marker(later).exists():
-        self.marker(later).unlink()
-    return time.time()
-
-  def finish(self, step, t0: float, extra: dict | None = None) -> None:
-    rec = {"step": step, "settings": self.settings[step], "seconds": round(time.time() - t0, 3),
-           "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
-    mio.atomic_write_json(self.marker(step), rec)
-    self._log(step, "ran", rec["seconds"])
-
-  def skip(self, step) -> None:
-    self._log(step, "skipped", 0.0)
-
-  def _log(self, step, status, seconds):
-    entry = {"step": step, "status": status, "seconds": seconds,
-             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    self.log.append(entry)
-    p = self.dir / "steps.jsonl"
-    old = p.read_text() if p.exists() else ""
-    mio.atomic_write_text(p, old + json.dumps(entry) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------------
 # The stage.
 
 
-def stage_mesh(config):
+def stage_mesh(config, local: bool = False):
   """The mesh of this stage: every device on `data` (batches and points are sharded over it), times the
-  config's `model` axis (a base too large to replicate is sharded over it by `mesh.rules`)."""
+  config's `model` axis (a base too large to replicate is sharded over it by `mesh.rules`). `local`:
+  this process's devices only (the embedding pass, where every process embeds its own documents)."""
   shape = dict(zip(tuple(config.mesh.axes), tuple(config.mesh.shape)))
   model = shape.get("model", 1)
   model = model if isinstance(model, int) and model > 0 else 1
-  return make_mesh((-1, model), ("data", "model"))
+  return make_mesh((-1, model), ("data", "model"), jax.local_devices() if local else None)
 
 
 def _base_tokenizer(model_cfg):
@@ -275,84 +194,143 @@ def run_cluster(config, *, log=print) -> dict[str, Any]:
 
   Steps: embed (corpus -> embeddings + saved embedder), cluster (-> centroids, assignment, sizes,
   quality), dataset (-> tokenized clustered dataset). Finished steps are skipped.
+
+  With several processes (`mixie.distributed`) every process runs this: process 0 decides which steps
+  run and writes every file; each process embeds its own contiguous share of the documents on its own
+  devices (the vectors are then all-gathered); k-means runs on the global mesh, its points sharded
+  over every process's devices.
   """
   validate_config(config)
-  settings = step_settings(config)
-  steps = _Steps(config.workdir, settings)
-  d = steps.dir
-  cc = config.cluster
-  mesh = None
-  corpus = None
-
-  def get_mesh():
-    nonlocal mesh
-    if mesh is None:
-      mesh = stage_mesh(config)
-    return mesh
+  steps = StepLog(topics_dir(config.workdir), step_settings(config))
+  log = log if dist.is_main_process() else (lambda *_: None)
+  corpus: list = []
 
   def get_corpus():
-    nonlocal corpus
-    if corpus is None:
-      corpus = load_corpus(config.data)
-      log(f"mixie.cluster: {corpus_report(config.data, corpus.stats)}")
-      _check_against_corpus(config, int((~corpus.heldout).sum()))
-    return corpus
+    if not corpus:
+      corpus.append(load_corpus(config.data))
+      log(f"mixie.cluster: {corpus_report(config.data, corpus[0].stats)}")
+      _check_against_corpus(config, int((~corpus[0].heldout).sum()))
+    return corpus[0]
 
-  # --- embed --------------------------------------------------------------------------------------
-  if steps.done("embed"):
-    steps.skip("embed")
-  else:
-    t0 = steps.start("embed")
-    corp = get_corpus()
+  def todo(step) -> bool:  # decided by process 0 (its markers), the same answer everywhere
+    return dist.on_main(lambda: not steps.done(step))
 
-    base = None
-    if cc.embedder == "base":
-      base = load_base(config.model, mesh=get_mesh(), rules=tuple(config.mesh.rules), seed=config.seed)
-    train_texts = [corp.texts[i] for i in corp.train_indices()]
-    log(f"mixie.cluster: embedding {len(corp)} documents with {cc.embedder} "
-        f"(first {cc.embed_tokens} tokens)")
-    embedder = make_embedder(cc, fit_texts=train_texts, base=base, mesh=get_mesh(), seed=config.seed)
-    emb_nd = embedder.embed(corp.texts)
-    if corp.labels is not None:
-      label_n, names = corp.label_ids()
+  for step, run in (("embed", _embed_step), ("cluster", _cluster_step)):
+    if todo(step):
+      run(config, steps, dist.on_main(lambda: steps.start(step)), get_corpus, log)
     else:
-      label_n, names = np.full(len(corp), -1, np.int32), []
+      dist.on_main(lambda: steps.skip(step))
+  out = dataset_dir(config.workdir)
+  if dist.on_main(lambda: not (steps.done("dataset") and _dataset_ok(out, log))):
+    t0 = dist.on_main(lambda: steps.start("dataset"))
+    dist.on_main(lambda: _dataset_step(config, steps, t0, get_corpus(), log))  # process 0 writes it
+  else:
+    dist.on_main(lambda: steps.skip("dataset"))
+  return _summary(config, steps)
+
+
+def _embed_step(config, steps: StepLog, t0: float, get_corpus, log) -> None:
+  """Embeds the corpus (each process its share, on its own devices) and saves the vectors and the
+  embedder (process 0)."""
+  cc, corp = config.cluster, get_corpus()
+  mesh = stage_mesh(config, local=dist.multi_process())
+  base = None
+  if cc.embedder == "base":
+    base = load_base(config.model, mesh=mesh, rules=tuple(config.mesh.rules), seed=config.seed)
+  train_texts = [corp.texts[i] for i in corp.train_indices()]
+  log(f"mixie.cluster: embedding {len(corp)} documents with {cc.embedder} (first {cc.embed_tokens} tokens)")
+  embedder = make_embedder(cc, fit_texts=train_texts, base=base, mesh=mesh, seed=config.seed)
+  lo, hi = dist.shard_range(len(corp))
+  emb_nd = dist.allgather_rows(embedder.embed(corp.texts[lo:hi]))
+  if corp.labels is not None:
+    label_n, names = corp.label_ids()
+  else:
+    label_n, names = np.full(len(corp), -1, np.int32), []
+
+  def write():
+    d = steps.dir
     embedder.save(d / "embedder")
     mio.atomic_write_json(d / "labels.json", names)
     mio.save_arrays(d / "embeddings.npz", {"doc_id": np.asarray(corp.ids, "U16"), "emb_nd": emb_nd,
                                            "heldout": corp.heldout, "label": label_n})
     steps.finish("embed", t0, {"num_docs": len(corp), "dim": int(emb_nd.shape[1]),
-                               "corpus_stats": _plain(corp.stats)})
+                               "corpus_stats": plain(corp.stats)})
+  dist.on_main(write)
 
-  # --- cluster ------------------------------------------------------------------------------------
-  if steps.done("cluster"):
-    steps.skip("cluster")
-  else:
-    t0 = steps.start("cluster")
-    e = mio.load_arrays(d / "embeddings.npz")
-    train = ~e["heldout"]
-    _check_against_corpus(config, int(train.sum()))
-    x_nd = e["emb_nd"]
 
-    extra: dict[str, Any] = {}
-    log(f"mixie.cluster: clustering {int(train.sum())} training documents ({cc.method})")
-    if cc.method == "kmeans":
-      r = km.kmeans(x_nd[train], cc.k, metric=cc.metric, n_init=cc.n_init, max_iters=cc.max_iters,
-                    tol=float(cc.tol), balanced_max_size=float(cc.balanced_max_size), chunk=cc.chunk,
-                    seed=config.seed, mesh=get_mesh())
-      extra = {"inertia": r.inertia, "iterations": r.n_iter}
-    else:
-      r = umap_hdbscan(x_nd[train], umap_dim=cc.umap_dim, umap_neighbors=cc.umap_neighbors,
-                       min_cluster_size=cc.min_cluster_size, metric=cc.metric, seed=config.seed,
-                       chunk=cc.chunk)
-      extra = {"hdbscan_topics_found": r.num_topics, "hdbscan_noise_points": r.num_noise}
-      log(f"mixie.cluster: HDBSCAN found {r.num_topics} topics ({r.num_noise} noise points joined "
-          "their nearest topic)")
-    centroids = r.centroids_kd
-    topic_n = np.zeros(x_nd.shape[0], np.int32)
-    topic_n[train] = r.assign_n
-    if (~train).any():
-      topic_n[~train] = km.assign(x_nd[~train], centroids, cc.metric, cc.chunk, mesh=get_mesh())
+def _cluster_step(config, steps: StepLog, t0: float, get_corpus, log) -> None:
+  """Clusters the training documents' vectors (on the global mesh) and writes the topics."""
+  del get_corpus  # the vectors carry everything this step needs
+  e = mio.load_arrays(steps.dir / "embeddings.npz")
+  train = ~e["heldout"]
+  _check_against_corpus(config, int(train.sum()))
+  log(f"mixie.cluster: clustering {int(train.sum())} training documents ({config.cluster.method})")
+  mesh = stage_mesh(config)
+  r, extra = _fit_topics(config, e["emb_nd"][train], mesh, log)
+  _write_topics(config, steps, t0, e, r, extra, mesh)
+
+
+def _dataset_step(config, steps: StepLog, t0: float, corp, log) -> None:
+  """Tokenizes the corpus and writes the clustered dataset (process 0 only: the caller's `on_main`)."""
+  topics = load_topics(config.workdir)
+  if list(topics.doc_ids) != list(corp.ids):
+    raise MixieError(f"{steps.dir}: the corpus changed since it was embedded (document ids differ); "
+                     "use a fresh --workdir")
+  out = dataset_dir(config.workdir)
+  log(f"mixie.cluster: tokenizing {len(corp)} documents into {out}")
+  cc = config.cluster
+  ds.build_dataset(out, corp, topics.topic_n, _base_tokenizer(config.model), num_topics=topics.num_topics,
+                   metadata={"embedder": cc.embedder, "method": cc.method, "num_topics": topics.num_topics})
+  steps.finish("dataset", t0)
+
+
+def _summary(config, steps: StepLog) -> dict[str, Any]:
+  """The stage's JSON-able summary (and `small_topics.json`, written by process 0)."""
+  out, cc = dataset_dir(config.workdir), config.cluster
+  topics = load_topics(config.workdir)
+  small = _small_topics_report(config, out, topics)
+  dist.on_main(lambda: mio.atomic_write_json(steps.dir / "small_topics.json", small))
+  manifest = ds.read_manifest(out)
+  return {
+      "workdir": str(config.workdir), "embedder": cc.embedder, "method": cc.method,
+      "num_topics": topics.num_topics, "num_docs": int(topics.doc_ids.size),
+      "num_train_docs": int((~topics.heldout_n).sum()), "num_heldout_docs": int(topics.heldout_n.sum()),
+      "quality": topics.quality, "small_topics": small,
+      "dataset": {s: {k: v for k, v in m.items() if k != "shards"}
+                  for s, m in manifest["splits"].items()},
+      "steps": {e["step"]: e["status"] for e in steps.log},
+      "paths": {"topics": str(steps.dir), "dataset": str(out)},
+  }
+
+
+def _fit_topics(config, x_nd: np.ndarray, mesh, log):
+  """The clustering of the training points (k-means on `mesh`, or UMAP + HDBSCAN on the host): the
+  result (`centroids_kd`, `assign_n`) and the extra fields of the step's marker."""
+  cc = config.cluster
+  if cc.method == "kmeans":
+    r = km.kmeans(x_nd, cc.k, metric=cc.metric, n_init=cc.n_init, max_iters=cc.max_iters,
+                  tol=float(cc.tol), balanced_max_size=float(cc.balanced_max_size), chunk=cc.chunk,
+                  seed=config.seed, mesh=mesh)
+    return r, {"inertia": r.inertia, "iterations": r.n_iter}
+  r = umap_hdbscan(x_nd, umap_dim=cc.umap_dim, umap_neighbors=cc.umap_neighbors,
+                   min_cluster_size=cc.min_cluster_size, metric=cc.metric, seed=config.seed, chunk=cc.chunk)
+  log(f"mixie.cluster: HDBSCAN found {r.num_topics} topics ({r.num_noise} noise points joined "
+      "their nearest topic)")
+  return r, {"hdbscan_topics_found": r.num_topics, "hdbscan_noise_points": r.num_noise}
+
+
+def _write_topics(config, steps, t0, e: dict, r, extra: dict, mesh) -> None:
+  """Assigns the held-out documents (on every process: a collective) and writes the cluster step's
+  files and marker (process 0)."""
+  cc, d = config.cluster, steps.dir
+  x_nd, train = e["emb_nd"], ~e["heldout"]
+  centroids = r.centroids_kd
+  topic_n = np.zeros(x_nd.shape[0], np.int32)
+  topic_n[train] = r.assign_n
+  if (~train).any():
+    topic_n[~train] = km.assign(x_nd[~train], centroids, cc.metric, cc.chunk, mesh=mesh)
+
+  def write():
     labels = e["label"][train] if (e["label"] >= 0).any() else None
     quality = cluster_quality(x_nd[train], r.assign_n, labels, metric=cc.metric,
                               sample=cc.silhouette_sample, seed=config.seed)
@@ -369,40 +347,7 @@ def run_cluster(config, *, log=print) -> dict[str, Any]:
     mio.atomic_write_json(d / "sizes.json", sizes.tolist())
     mio.atomic_write_json(d / "quality.json", quality)
     steps.finish("cluster", t0, {"num_topics": int(centroids.shape[0])})
-
-  # --- dataset ------------------------------------------------------------------------------------
-  out = dataset_dir(config.workdir)
-  if steps.done("dataset") and _dataset_ok(out, log):
-    steps.skip("dataset")
-  else:
-    t0 = steps.start("dataset")
-    corp = get_corpus()
-    topics = load_topics(config.workdir)
-    if list(topics.doc_ids) != list(corp.ids):
-      raise MixieError(f"{d}: the corpus changed since it was embedded (document ids differ); "
-                       "use a fresh --workdir")
-    log(f"mixie.cluster: tokenizing {len(corp)} documents into {out}")
-    ds.build_dataset(out, corp, topics.topic_n, _base_tokenizer(config.model),
-                     num_topics=topics.num_topics,
-                     metadata={"embedder": cc.embedder, "method": cc.method,
-                               "num_topics": topics.num_topics})
-    steps.finish("dataset", t0)
-
-  # --- summary ------------------------------------------------------------------------------------
-  topics = load_topics(config.workdir)
-  small = _small_topics_report(config, out, topics)
-  mio.atomic_write_json(d / "small_topics.json", small)
-  manifest = ds.read_manifest(out)
-  return {
-      "workdir": str(config.workdir), "embedder": cc.embedder, "method": cc.method,
-      "num_topics": topics.num_topics, "num_docs": int(topics.doc_ids.size),
-      "num_train_docs": int((~topics.heldout_n).sum()), "num_heldout_docs": int(topics.heldout_n.sum()),
-      "quality": topics.quality, "small_topics": small,
-      "dataset": {s: {k: v for k, v in m.items() if k != "shards"}
-                  for s, m in manifest["splits"].items()},
-      "steps": {e["step"]: e["status"] for e in steps.log},
-      "paths": {"topics": str(d), "dataset": str(out)},
-  }
+  dist.on_main(write)
 
 
 def _dataset_ok(out, log) -> bool:

@@ -34,10 +34,11 @@ import numpy as np
 from mixie import assets
 from mixie.data import stdlib_corpus
 from mixie.errors import ConfigError, MixieError, check
+from mixie.data.synthetic import synthetic_raw
 from mixie.io import path as _path
 
-SOURCES = ("wiki_summaries", "jsonl", "text", "tfds", "wiki_stdlib")
-_BUILTIN = ("wiki_summaries", "wiki_stdlib")  # sources that need no data.path
+SOURCES = ("wiki_summaries", "jsonl", "text", "tfds", "wiki_stdlib", "synthetic")
+_BUILTIN = ("wiki_summaries", "wiki_stdlib")  # shipped sources (no data.path)
 _GLOB_CHARS = "*?["
 _STAT_KEYS = ("read", "kept", "heldout", "empty", "duplicate", "non_utf8", "malformed", "missing_text")
 # why a record is dropped; every cause but "duplicate" makes the record unusable ("bad")
@@ -120,7 +121,7 @@ def validate_data_config(data_cfg) -> None:
   """Checks the `data` config section before any work; raises `ConfigError` naming the field."""
   check(data_cfg.source in SOURCES,
         f"data.source={data_cfg.source!r}: must be one of {', '.join(SOURCES)}", ConfigError)
-  if data_cfg.source not in _BUILTIN:
+  if data_cfg.source not in _BUILTIN + ("synthetic",):
     check(bool(data_cfg.path), f"data.path is required with data.source={data_cfg.source!r}", ConfigError)
   check(0.0 <= float(data_cfg.heldout_fraction) < 1.0,
         f"data.heldout_fraction={data_cfg.heldout_fraction}: must be in [0, 1)", ConfigError)
@@ -295,6 +296,8 @@ def _raw_source(data_cfg) -> Iterator[_Raw]:
   if src in _BUILTIN:
     assets.wiki_summaries_json()  # fails now if the asset package is missing
     return _wiki_raw() if src == "wiki_summaries" else stdlib_corpus.wiki_stdlib_raw(_wiki_raw())
+  if src == "synthetic":  # scale simulations: E known topics (mixie.data.synthetic)
+    return synthetic_raw(data_cfg)
   if src == "jsonl":
     files = _glob_files(data_cfg.path, ("*.jsonl", "*.jsonl.gz"), "JSONL")
     return _jsonl_raw(files, data_cfg.text_field, data_cfg.label_field)
@@ -319,6 +322,8 @@ def check_corpus(data_cfg) -> None:
 def _describe(data_cfg) -> str:
   if data_cfg.source == "wiki_stdlib":
     return "the shipped Wikipedia summaries + this interpreter's standard library"
+  if data_cfg.source == "synthetic":
+    return f"a synthetic corpus of {data_cfg.synthetic_topics} topics"
   return "the shipped Wikipedia summaries" if data_cfg.source == "wiki_summaries" else (
       f"data.path={data_cfg.path!r} ({data_cfg.source})")
 

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from mixie.errors import MixieError, check
-from mixie.io import atomic_write_json, load_arrays, path as _path, read_json, save_arrays
+from mixie.io import atomic_write_json, load_arrays, note_write, path as _path, read_json, save_arrays
 
 FORMAT = "mixie_clustered/1"
 BUILDER_NAME = "mixie_clustered"
@@ -166,6 +166,7 @@ def write_dataset(out_dir, split_records: Mapping[str, Iterable[dict]], *, num_t
   _clear(out_dir)
   d = _path(out_dir)
   d.mkdir(parents=True, exist_ok=True)
+  note_write(d / "tfds")  # TFDS writes the shards itself
   idx = {s: (array.array("i"), array.array("i")) for s in split_records}
   # TFDS refuses a split without examples: peek at each split and leave empty ones out of TFDS.
   nonempty = {}

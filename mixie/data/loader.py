@@ -67,6 +67,7 @@ class PackedLoader:
     self._lo, self._hi = bounds[:-1], bounds[1:]
     self._slots: list[dict[str, int]] = []
     self._perm_cache: list[tuple[tuple[int, int], np.ndarray] | None] = []
+    self._local: set[int] | None = None  # slots whose tokens this process reads (None: all)
     for e, topic in enumerate(slot_topics):
       self._slots.append({})
       self._perm_cache.append(None)
@@ -101,6 +102,12 @@ class PackedLoader:
     self._check_topic(topic)
     self._slots[e] = {"topic": topic, "epoch": 0, "doc": 0, "offset": 0}
     self._perm_cache[e] = None
+
+  def set_local_slots(self, slots: Sequence[int] | None) -> None:
+    """Reads the documents of `slots` only (None: every slot); the other slots' rows come back as
+    padding, but every slot's cursor and `slot_tokens` advance exactly as before (they depend on the
+    side index's lengths only). With several processes, each reads just the slots its devices hold."""
+    self._local = None if slots is None else {int(e) for e in slots}
 
   # --- state ---------------------------------------------------------------------------------------
   def state(self) -> dict[str, Any]:
@@ -179,7 +186,8 @@ class PackedLoader:
       pieces: list = []
       self._walk(e, cur, n, pieces)
       plan.append(pieces)
-    recs = sorted({p[0] for pieces in plan if pieces for p in pieces})
+    mine = [self._local is None or e in self._local for e in range(E)]
+    recs = sorted({p[0] for e, pieces in enumerate(plan) if pieces and mine[e] for p in pieces})
     docs = dict(zip(recs, (self._doc_seq(r["tokens"]) for r in self._src.__getitems__(recs)))) \
         if recs else {}
 
@@ -198,10 +206,13 @@ class PackedLoader:
       occ = np.empty(n, np.int32)
       c = 0
       for k, (rec, start, take, seq_len) in enumerate(pieces):
-        seq = docs[rec]
-        check(seq.size == seq_len, f"record {rec}: {seq.size - self._n_special} tokens but the index "
-                                   f"says {seq_len - self._n_special}: the dataset is corrupt")
-        tok[c:c + take] = seq[start:start + take]
+        if mine[e]:
+          seq = docs[rec]
+          check(seq.size == seq_len, f"record {rec}: {seq.size - self._n_special} tokens but the index "
+                                     f"says {seq_len - self._n_special}: the dataset is corrupt")
+          tok[c:c + take] = seq[start:start + take]
+        else:
+          tok[c:c + take] = self.pad_id
         end[c + take - 1] = start + take == seq_len
         pos[c:c + take] = np.arange(start, start + take)
         occ[c:c + take] = k

@@ -29,6 +29,7 @@ import numpy as np
 
 from mixie import figures
 from mixie import io as mio
+from mixie.distributed import is_main_process
 from mixie.evaluate.ppl import perplexity
 from mixie.route.calibrate import calibrate, calibration_routes, calibration_set
 from mixie.route.fallback import FallbackConfig, below
@@ -124,8 +125,9 @@ def coverage_report(config, out_dir, *, routers: dict, embedder, tokenizer, rout
           "calibration": calib[str(p)][m], "at_threshold": point,
           "curve": coverage_curve(conf, thresholds_grid(conf), nll, tok, nll_fb)}
       chosen[str(p)][m] = point
-  plot_coverage(report, save_dir=out_dir)
-  mio.atomic_write_json(mio.path(out_dir) / COVERAGE_JSON, mio.json_safe(report))
+  if is_main_process():  # every process of a multi-process run computed the same report; one writes it
+    plot_coverage(report, save_dir=out_dir)
+    mio.atomic_write_json(mio.path(out_dir) / COVERAGE_JSON, mio.json_safe(report))
   for p in ps:
     for m, pt in chosen[str(p)].items():
       fbs = ", ".join(f"{f} {v:.3f}" for f, v in pt["ppl_with_fallback"].items())

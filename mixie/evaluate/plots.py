@@ -28,6 +28,21 @@ def routed_rows(results: Mapping[str, Any]) -> list[str]:
   return [r for r in results["rows"] if r in modes]
 
 
+SHOWN_TOPICS = 12  # per-topic columns of the printed table and bar groups of the plot (all in results.json)
+
+
+def shown_topics(results: Mapping[str, Any], at_most: int = SHOWN_TOPICS) -> list[str]:
+  """The topics the table and the plot show: all when few, else the `at_most` with the most held-out
+  documents at the largest P (ascending ids). With thousands of topics the table would be unreadable
+  and drawing every topic's bars took a minute (5000 experts)."""
+  topics = [str(t) for t in results["topics"]]
+  if len(topics) <= at_most:
+    return topics
+  docs = results["by_prefix"][str(results["prefix_tokens"][-1])]["docs_per_topic"]
+  keep = set(sorted(topics, key=lambda t: (-docs[t], int(t)))[:at_most])
+  return [t for t in topics if t in keep]
+
+
 def plot_perplexity(results: Mapping[str, Any] | None, *, prefix: int | None = None,
                     rows: Sequence[str] | None = None, save_dir=None):
   """Held-out perplexity per topic and overall, one bar per row (default: every row of the table:
@@ -42,7 +57,7 @@ def plot_perplexity(results: Mapping[str, Any] | None, *, prefix: int | None = N
   rows = list(rows or results["rows"])
   bad = [r for r in rows if r not in tab["ppl"]]
   check(not bad, f"plot_perplexity: rows {bad} are not in the table (rows: {results['rows']})")
-  topics = [str(t) for t in results["topics"]]
+  topics = shown_topics(results)
   groups = ["all"] + topics
   vals = np.asarray([[tab["ppl"][r]] + [tab["ppl_per_topic"][r][t] for t in topics] for r in rows],
                     np.float64)
@@ -60,7 +75,9 @@ def plot_perplexity(results: Mapping[str, Any] | None, *, prefix: int | None = N
   many = len(topics) >= MANY
   ax.set_xticks(x, ["all"] + ([""] * len(topics) if many else
                              [f"{t}\n({tab['docs_per_topic'][t]})" for t in topics]), fontsize=8)
-  ax.set_xlabel("topic (held-out documents)")
+  some = "" if len(topics) == len(results["topics"]) else \
+      f", the {len(topics)} of {len(results['topics'])} with the most"
+  ax.set_xlabel(f"topic (held-out documents{some})")
   ax.set_ylabel("perplexity (axis not from 0)")
   ax.set_title(f"held-out perplexity after the first P = {P} tokens, routed on them; lower is better",
                fontsize=10)

@@ -49,9 +49,11 @@ from mixie.cluster.embed import load_embedder
 from mixie.cluster.topics import dataset_dir, load_topics, topics_dir
 from mixie.compute import format_flops, row_compute
 from mixie.data.dataset import open_dataset
+from mixie.distributed import is_main_process
 from mixie.errors import ConfigError, MixieError, check
 from mixie.evaluate import plots
 from mixie.evaluate.coverage import coverage_report
+from mixie.evaluate.plots import shown_topics
 from mixie.evaluate.ppl import (bucket, by_group, mixture_scores, pair_logprobs, perplexity,
                                 row_sharding_of)
 from mixie.model.checkpoint import fingerprint
@@ -60,6 +62,7 @@ from mixie.route.fallback import FallbackConfig
 from mixie.route.router import MODES, RouteResult, RouterConfig, embed_queries
 from mixie.route.run import build_routers, expert_of_topic
 from mixie.serve.cache import ExpertCache
+from mixie.sharding import mesh_from_config
 from mixie.store import load_tree, run_store
 from mixie.train import divergence
 
@@ -201,7 +204,7 @@ def _committed(params):
   """`params` as arrays committed to where they are (no copy), as `load_full` places its copy: both
   models then hit one compiled scoring function."""
   return jax.tree.map(lambda x: jax.device_put(x, x.sharding) if isinstance(x, jax.Array)
-                      else jax.device_put(x, jax.devices()[0]), params)
+                      else jax.device_put(x, jax.local_devices()[0]), params)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -230,8 +233,9 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
   eot_k = expert_of_topic(store, K)
   all_key = max([K] + [t + 1 for t in store.topics()])  # lora_all's key: above every expert id (imports)
   lora = store.lora()
-  if loaded is None:
-    loaded = load_base(config.model, seed=int(config.seed))
+  if loaded is None:  # on the config's mesh: a batch's rows are split over every device (of every process)
+    loaded = load_base(config.model, mesh=mesh_from_config(config.mesh), seed=int(config.seed),
+                       rules=tuple(tuple(r) for r in config.mesh.rules))
   cfg, params, tokenizer = loaded
   check(tokenizer is not None, "model: the base has no tokenizer; evaluation needs one")
   fp = fp or fingerprint(cfg, params)
@@ -348,10 +352,11 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
       "diverged": divergence.load(wd),  # experts that diverged in training (marked in the table)
   }
   out = eval_dir(wd)
-  mio.save_arrays(out / PER_DOC_NPZ, per_doc)
-  plots.plot_perplexity(results, save_dir=out)
-  plots.plot_prefix_effect(results, save_dir=out)
-  mio.atomic_write_json(out / RESULTS_JSON, results)
+  if is_main_process():  # every process computed the same tables; one writes them
+    mio.save_arrays(out / PER_DOC_NPZ, per_doc)
+    plots.plot_perplexity(results, save_dir=out)
+    plots.plot_prefix_effect(results, save_dir=out)
+    mio.atomic_write_json(out / RESULTS_JSON, results)
   log(f"mixie.evaluate: {n} held-out documents ({held.too_short} with <= {ps[-1]} tokens left out"
       f"{f', a subset of {held.total}' if held.total > n + held.too_short else ''}), {n_pairs} "
       f"(document, expert) pairs scored in {score_s:.0f}s; results in {out}")
@@ -363,8 +368,8 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
 
 
 def format_table(results: dict[str, Any]) -> str:
-  """The tables (one per P) as aligned text."""
-  topics = [str(t) for t in results["topics"]]
+  """The tables (one per P) as aligned text (per-topic columns: `shown_topics`)."""
+  topics = shown_topics(results)
   bad_rows, bad_topics, footnote = divergence.table_marks(results)  # diverged in training: marked
   mark = lambda name, bad: name + (divergence.MARK if bad else "")  # noqa: E731
 
@@ -373,6 +378,9 @@ def format_table(results: dict[str, Any]) -> str:
 
   lines = ["held-out perplexity on the tokens after the first P (the router sees only those P; "
            "oracle = each document's own topic's expert; acc = routed to that expert)"]
+  if len(topics) < len(results["topics"]):
+    lines.append(f"(the {len(topics)} of {len(results['topics'])} topics with the most documents; every "
+                 "topic is in eval/results.json)")
   for p in results["prefix_tokens"]:
     tab = results["by_prefix"][str(p)]
     head = line(f"P={p}", "overall", [mark(f"topic {t}", t in bad_topics) for t in topics], "acc")

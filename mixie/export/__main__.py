@@ -31,11 +31,13 @@ def main(argv) -> int:
   if not _OUT.value:
     raise ConfigError("--out is required (the export directory)")
   # deferred: --help and command-line errors answer in 0.2 s, not 4 s (jax and the stage load)
+  from mixie.distributed import is_main_process, on_main
   from mixie.interop.export import export_run
 
-  spec = export_run(config, _OUT.value, parse_topics(_TOPICS.value))
-  print(f"mixie.export: {len(spec['adapters'])} adapter(s), router of {spec['router']['num_rows']} rows "
-        f"({spec['router']['metric']}, embedder {spec['embedder']['kind']}) in {_OUT.value}", flush=True)
+  spec = on_main(lambda: export_run(config, _OUT.value, parse_topics(_TOPICS.value)))  # host work: one writer
+  if is_main_process():
+    print(f"mixie.export: {len(spec['adapters'])} adapter(s), router of {spec['router']['num_rows']} rows "
+          f"({spec['router']['metric']}, embedder {spec['embedder']['kind']}) in {_OUT.value}", flush=True)
   return 0
 
 

@@ -25,13 +25,16 @@ def main(argv) -> int:
   if not _PROMPT.value:
     raise ConfigError("give at least one --prompt")
   # deferred: --help and command-line errors answer in 0.2 s, not 4 s (jax and the stage load)
+  from mixie.distributed import is_main_process
   from mixie.serve.run import make_server
 
   g = config.generate
   results = make_server(config).generate(
       list(_PROMPT.value), max_new_tokens=int(g.max_new_tokens), temperature=float(g.temperature),
       top_p=float(g.top_p), top_k=int(g.top_k), seed=int(config.seed if _SEED.value is None else _SEED.value))
-  failed = 0
+  failed = sum(bool(r.error) for r in results)
+  if not is_main_process():  # every process decoded the same batch on its own devices; one prints
+    return 1 if failed else 0
   for i, (prompt, r) in enumerate(zip(_PROMPT.value, results)):
     who = "base" if r.expert < 0 else f"expert {r.expert}"
     if r.fallback:
@@ -40,7 +43,6 @@ def main(argv) -> int:
       who = ", ".join(f"expert {e} ({w:.2f})" for e, w in r.experts)
     print(f"=== prompt {i} [{who}] ===")
     if r.error:
-      failed += 1
       print(f"mixie: error: prompt {i}: {r.error}", file=sys.stderr)
     else:
       print(prompt + r.text)

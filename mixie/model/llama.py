@@ -75,6 +75,9 @@ PRESETS: dict[str, LlamaConfig] = {
                                 d_ff=5632, rope_theta=10000.0, max_seq_len=2048),
     "llama2_7b": LlamaConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
                              d_ff=11008, rope_theta=10000.0, max_seq_len=4096),
+    # 2 layers, d=64, SmolLM2's vocabulary (so the shipped tokenizer): scale simulations of thousands of experts
+    "tiny_smollm2": LlamaConfig(vocab_size=49152, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                                rope_theta=10000.0, tie_embeddings=True, max_seq_len=2048),
 }
 
 

@@ -44,9 +44,15 @@ def has_shipped_vocab(cfg: LlamaConfig) -> bool:
   return cfg.vocab_size == PRESETS["smollm2_135m"].vocab_size
 
 
+@functools.lru_cache(maxsize=1)
+def _shipped_tokenizer() -> Tokenizer:
+  """The shipped SmolLM2 tokenizer, read once per process (reading it from the GGUF takes seconds)."""
+  return Tokenizer.from_gguf(assets.smollm2_gguf())
+
+
 def _shipped_tokenizer_for(cfg: LlamaConfig) -> Tokenizer | None:
   """The shipped SmolLM2 tokenizer when `cfg`'s vocabulary is its own (random presets), else None."""
-  return Tokenizer.from_gguf(assets.smollm2_gguf()) if has_shipped_vocab(cfg) else None
+  return _shipped_tokenizer() if has_shipped_vocab(cfg) else None
 
 
 def _unknown_source(source) -> ConfigError:
@@ -61,7 +67,7 @@ def load_tokenizer(source: str, path: str = "", preset: str = "") -> Tokenizer:
   `load_base`), and `MixieError` otherwise.
   """
   if source == "gguf":
-    return Tokenizer.from_gguf(pathlib.Path(path) if path else assets.smollm2_gguf())
+    return Tokenizer.from_gguf(pathlib.Path(path)) if path else _shipped_tokenizer()
   if source == "hf":
     if not path:
       raise ConfigError("model.path: source='hf' needs a checkpoint directory")

@@ -32,6 +32,7 @@ import numpy as np
 from mixie import io as mio
 from mixie.cluster.topics import dataset_dir
 from mixie.data.dataset import open_dataset
+from mixie.distributed import is_main_process
 from mixie.errors import MixieError, check
 from mixie.route.fallback import FallbackConfig, Policy
 from mixie.route.router import RouteResult, Router, embed_queries
@@ -139,7 +140,8 @@ def serving_policy(config, router: Router | None, embedder, tokenizer, *, log=pr
     return Policy(fallback="none", confidence=fb.confidence)
   route = calibration_routes({"serve": router}, embedder, tokenizer, tokens, prefix)["serve"]
   res = calibrate(route, router.expert_of_topic[topic_n], fb)
-  mio.atomic_write_json(path, {"key": key, "result": mio.json_safe(res)})
+  if is_main_process():  # every process computed the same threshold; one writes the cache
+    mio.atomic_write_json(path, {"key": key, "result": mio.json_safe(res)})
   log(f"mixie: fallback threshold {res['threshold']:.4g} on route.confidence={fb.confidence!r} "
       f"(rule {fb.calibrate} {fb.calibrate_target} on {res['docs']} training documents: coverage "
       f"{res['coverage']:.3f})")

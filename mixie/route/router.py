@@ -135,7 +135,7 @@ def vote(topics_nk: np.ndarray, d2_nk: np.ndarray, n_topics: int, how: str = "ma
   """The winning topic of each row of neighbour topics `[n, k]` (nearest first).
 
   "majority": one vote per neighbour; "weighted": exp(-d^2/T) per neighbour. Ties go to the topic
-  whose first voter is nearest.
+  whose first voter is nearest. Work and memory are O(n k), whatever the number of topics.
   """
   return vote_with_share(topics_nk, d2_nk, n_topics, how, temperature)[0]
 
@@ -146,18 +146,27 @@ def vote_with_share(topics_nk: np.ndarray, d2_nk: np.ndarray, n_topics: int, how
   n, k = topics_nk.shape
   if n == 0:
     return np.zeros((0,), np.int64), np.zeros((0,), np.float32)
+  check(topics_nk.min() >= 0 and topics_nk.max() < n_topics,
+        f"vote: neighbour topics must lie in [0, {n_topics})")
+  w = np.ones((n, k)) if how == "majority" else np.exp(-(d2_nk - d2_nk.min(axis=1, keepdims=True))
+                                                      / temperature)
+  order = np.argsort(topics_nk, axis=1, kind="stable")  # each row's equal topics side by side
+  t_sorted = np.take_along_axis(topics_nk, order, 1)
+  new = np.ones((n, k), bool)
+  new[:, 1:] = t_sorted[:, 1:] != t_sorted[:, :-1]
+  group = np.cumsum(new, axis=1) - 1  # index of each neighbour's topic among its row's distinct topics
   rows = np.repeat(np.arange(n), k)
-  flat = topics_nk.reshape(-1)
-  w = np.ones(n * k) if how == "majority" else np.exp(-(d2_nk.reshape(-1) - d2_nk.min(axis=1).repeat(k))
-                                                       / temperature)
-  score = np.zeros((n, n_topics))
-  np.add.at(score, (rows, flat), w)
-  first = np.full((n, n_topics), k, np.int64)
-  np.minimum.at(first, (rows, flat), np.tile(np.arange(k), n))
+  score = np.zeros((n, k))  # per distinct topic of the row, not per topic of the router: O(n k)
+  np.add.at(score, (rows, group.reshape(-1)), np.take_along_axis(w, order, 1).reshape(-1))
+  first = np.full((n, k), k, np.int64)  # rank of each distinct topic's nearest voter
+  np.minimum.at(first, (rows, group.reshape(-1)), order.reshape(-1))
+  topic = np.zeros((n, k), np.int64)
+  topic[new.nonzero()[0], group[new]] = t_sorted[new]
   best = score.max(axis=1, keepdims=True)
   tied = np.isclose(score, best, rtol=1e-9, atol=0.0) & (score > 0)
   win = np.argmin(np.where(tied, first, k + 1), axis=1)
-  return win, (score[np.arange(n), win] / score.sum(axis=1)).astype(np.float32)
+  share = score[np.arange(n), win] / score.sum(axis=1)
+  return topic[np.arange(n), win], share.astype(np.float32)
 
 
 def nearest_other(ids_nm: np.ndarray, d2_nm: np.ndarray, expert_of_topic_k: np.ndarray):

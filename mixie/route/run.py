@@ -26,6 +26,7 @@ import numpy as np
 
 from mixie import io as mio
 from mixie.cluster.topics import load_embeddings, load_topics, topics_complete
+from mixie.distributed import is_main_process
 from mixie.errors import ConfigError, MixieError, check
 from mixie.route.router import ROUTER_JSON, Router, RouterConfig
 from mixie.store import ExpertMeta, ExpertStore, run_store
@@ -144,5 +145,6 @@ def load_router(config, store: ExpertStore | None = None) -> Router:
       if np.array_equal(router.expert_of_topic, routed_experts(store, k, router.dim)[0]):
         return router
   router = build_router(config, store)
-  router.save(d)
+  if is_main_process():  # every process of a multi-process run builds the same router; one saves it
+    router.save(d)
   return router

@@ -32,7 +32,7 @@ from typing import Any
 
 import ml_collections
 
-from mixie.cluster.topics import _plain, step_settings  # one rule for JSON-plain config values
+from mixie.cluster.steps import plain, step_settings  # one rule for JSON-plain config values
 from mixie.errors import ConfigError
 from mixie.train.branch import seed_settings
 
@@ -62,7 +62,7 @@ def flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
       if isinstance(v, (ml_collections.ConfigDict, dict)):
         walk(v, f"{prefix}{k}.")
       else:
-        out[f"{prefix}{k}"] = _plain(v)
+        out[f"{prefix}{k}"] = plain(v)
   walk(config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config, "")
   return out
 

@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mixie import io as mio
-from mixie.cluster.topics import _plain, step_settings  # one rule for JSON-plain config values
+from mixie.cluster.steps import plain, step_settings  # one rule for JSON-plain config values
 from mixie.distributed import is_main_process
 from mixie.errors import ConfigError, check
 from mixie.store import ExpertStore
@@ -65,7 +65,7 @@ def seed_settings(config) -> dict[str, Any]:
   out.update({f"dataset.{k}": config.dataset[k] for k in ("seq_len", "small_topics")})
   out.update({f"train.{k}": config.train[k] for k in _TRAIN_FIELDS})
   out["seed"] = config.seed
-  return _plain(out)
+  return plain(out)
 
 
 @dataclasses.dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from mixie import distributed as dist
 from mixie import io as mio
 from mixie.errors import ConfigError, MixieError
 
@@ -130,11 +131,14 @@ def note(workdir, mode: str, diverged: dict[int, str], log=print) -> dict[str, s
 
 
 def record(workdir, mode: str, diverged: dict[int, str]) -> None:
-  """Writes run `mode`'s verdicts into `workdir/divergence.json` (replacing that run's earlier ones)."""
+  """Writes run `mode`'s verdicts into `workdir/divergence.json` (replacing that run's earlier ones).
+  With several processes (same verdicts everywhere) process 0 writes and the others wait for it."""
   p = mio.path(workdir) / DIVERGENCE_JSON
-  all_runs = mio.read_json(p) if p.exists() else {}
-  all_runs[mode] = {str(t): why for t, why in sorted(diverged.items())}
-  mio.atomic_write_json(p, all_runs)
+  if dist.is_main_process():
+    all_runs = mio.read_json(p) if p.exists() else {}
+    all_runs[mode] = {str(t): why for t, why in sorted(diverged.items())}
+    mio.atomic_write_json(p, all_runs)
+  dist.barrier(f"mixie.divergence.{mode}")
 
 
 def load(workdir) -> list[dict[str, Any]]:

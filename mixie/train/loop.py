@@ -21,12 +21,11 @@ import time
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from mixie.distributed import is_main_process
+from mixie.distributed import fault_point, is_main_process, to_host
 from mixie.errors import MixieError
 from mixie.store import ExpertMeta, ExpertStore
 from mixie.train import branch
@@ -54,21 +53,34 @@ class LoopResult:
   tokens_total: int = 0  # tokens of the whole run, earlier calls (before a resume) included
 
 
+@jax.jit
+def _take_slots(tree, idx):
+  return jax.tree.map(lambda x: x[idx], tree)
+
+
 def _gather_slots(tree, slots: list[int]):
-  """Host copies of the given slots of a stacked tree (only those slots leave the devices)."""
-  idx = jnp.asarray(slots, jnp.int32)
-  if jax.process_count() > 1:  # pragma: no cover - multi-host TPU
-    from jax.experimental import multihost_utils
-    sub = jax.jit(lambda t: jax.tree.map(lambda x: x[idx], t))(tree)
-    return multihost_utils.process_allgather(sub, tiled=True)
-  return jax.device_get(jax.jit(lambda t: jax.tree.map(lambda x: x[idx], t))(tree))
+  """Host copies of the given slots of a stacked tree (only those slots leave the devices; with several
+  processes, every process calls this and gets them all). Compiled once per number of slots."""
+  return to_host(_take_slots(tree, np.asarray(slots, np.int32)))
+
+
+def _place(x: np.ndarray, sharding) -> jax.Array:
+  """A host array as a global array in `sharding`; each process places only its addressable shards."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
 def _put_batch(batch: dict, shardings: dict) -> dict:
-  """Host batch -> global arrays; each process places only its addressable shards (multi-host safe:
-  every process computes the same deterministic global batch)."""
-  return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx])
-          for k, v in batch.items()}
+  """Host batch -> global arrays; only the rows of this process's shards must be filled in (the loader
+  reads only this process's slots: `local_slots`)."""
+  return {k: _place(v, shardings[k]) for k, v in batch.items()}
+
+
+def local_slots(sharding, shape) -> list[int]:
+  """The slots (leading-axis indices) of a `shape` batch that this process's devices hold."""
+  out = set()
+  for index in sharding.addressable_devices_indices_map(tuple(shape)).values():
+    out.update(range(shape[0])[index[0]])
+  return sorted(out)
 
 
 def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: ExpertScheduler, *,
@@ -102,6 +114,8 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
       optimizer state; None: fresh experts.
   """
   comp = compile_fns(spec, mesh, rules, jax.eval_shape(lambda: base))
+  if hasattr(loader, "set_local_slots"):  # read only the slots whose rows this process's devices hold
+    loader.set_local_slots(local_slots(comp.batch_shardings["tokens"], (spec.slots, mesh.devices.size, 1)))
   frozen = base if spec.lora_mode else None  # "full" trains the base itself
   ckpt = ckpt_lib.TrainCheckpointer(ckpt_dir, max_to_keep=keep_checkpoints)
   mode = spec.mode
@@ -152,7 +166,7 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
       keep = 0 if upto_all else 1
       while len(pending) > keep:
         p = pending.pop(0)
-        m = {k: np.asarray(v) for k, v in jax.device_get(p["metrics"]).items()}
+        m = to_host(p["metrics"])
         bad = [e for e in range(E) if m["tokens"][e] > 0 and not math.isfinite(float(m["loss"][e]))]
         if bad:
           topics = [p["topics"][e] for e in bad]
@@ -232,7 +246,8 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
           horizon = np.ones(E, np.int32)
           for e, t in new.items():
             mask[e], topics[e], horizon[e] = True, t, scheduler.horizon_steps(t, tokens_per_step)
-          state = comp.reset(state, base, mask, topics, horizon)
+          e_sh = comp.state_shardings["topic"]  # [E] over the expert axis, as reset takes them
+          state = comp.reset(state, base, *(_place(x, e_sh) for x in (mask, topics, horizon)))
           if init_params is not None:
             state = branch.start_from(state, init_params, mask)
       if bar is not None:
@@ -242,6 +257,7 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
                         experts=f"{len(scheduler.done)}/{len(scheduler.order)}", refresh=False)
       if step % checkpoint_every == 0 or scheduler.finished:
         save(step)
+      fault_point(step, ckpt.wait)
     check(upto_all=True)
     if status == "max_steps":
       save(step)

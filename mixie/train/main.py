@@ -39,7 +39,7 @@ from mixie.cluster.topics import dataset_dir, load_topics, run_cluster, summary_
 from mixie.cluster.topics import validate_config as validate_cluster
 from mixie.data.dataset import dataset_status, open_dataset, topic_token_counts
 from mixie.data.loader import PackedLoader, resolve_small_topics
-from mixie.distributed import is_main_process
+from mixie.distributed import is_main_process, to_host
 from mixie.dtypes import check_model_dtypes
 from mixie.errors import ConfigError, check
 from mixie.evaluate.run import evaluate, format_table, validate_eval_config
@@ -213,12 +213,17 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
   sched = ExpertScheduler(budgets, E)
   store = None if mode == "full" else ExpertStore(out_dir)
 
+  merged_into: dict[int, list[int]] = {}  # trained topic -> the small topics merged into it (one pass)
+  for k, into in enumerate(data.topic_map.tolist()):
+    if into >= 0 and k != into:
+      merged_into.setdefault(into, []).append(k)
+
   def meta(topic):
     if mode != "experts":
       return {"kind": mode, "topics": int(np.unique(data.topic_map[data.topic_map >= 0]).size), "seq_len": T}
-    merged = [int(k) for k in np.flatnonzero(data.topic_map == topic) if k != topic]
     out = {"kind": "expert", "centroid": data.centroids[topic].astype(float).tolist(), "seq_len": T,
-           "topic_tokens": int(data.counts[topic]), "budget": int(budgets[topic]), "merged_topics": merged}
+           "topic_tokens": int(data.counts[topic]), "budget": int(budgets[topic]),
+           "merged_topics": merged_into.get(topic, [])}
     return out if init is None else {**out, "init": "seed", "seed": init[1]}
 
   log(f"mixie.train[{mode}]: {len(budgets)} expert(s) on {E} slot(s) x {b} rows x {T} tokens, "
@@ -228,9 +233,10 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
                    log_every=t.log_every, max_steps=t.max_steps, metrics=metrics, expert_meta=meta, stop=stop,
                    keep_checkpoints=t.keep_checkpoints, divergence=divergence.DivergenceRule.from_config(t),
                    init_params=None if init is None else init[0])
-  if mode == "full" and res.status == "finished" and not (wd / "full" / "meta.json").exists() \
-      and is_main_process():
-    params = jax.tree.map(lambda x: x[0].astype(base_dtype(base)), jax.device_get(res.state["params"]))
+  if mode == "full" and res.status == "finished" and not (wd / "full" / "meta.json").exists():
+    params = jax.tree.map(lambda x: x[0].astype(base_dtype(base)), to_host(res.state["params"]))
+    if not is_main_process():  # every process gathers (a collective), process 0 writes
+      return res
     save_tree(wd / "full" / "params.safetensors", params)
     mio.atomic_write_json(wd / "full" / "meta.json", {
         "kind": "full", "base_fingerprint": fp, "fingerprint": fingerprint(cfg, params),
@@ -311,7 +317,8 @@ def run(config, *, log=print, stop: Callable[[], bool] | None = None) -> dict[st
   refuse = bool(summary["diverged"]) and not config.train.allow_divergence
   summary["status"] = "diverged" if refuse else "finished"
   summary["seconds"] = round(time.time() - t_start, 1)
-  mio.atomic_write_json(wd / "train_summary.json", summary)
+  if is_main_process():
+    mio.atomic_write_json(wd / "train_summary.json", summary)
   log(f"mixie.train: done in {summary['seconds']:.0f}s; experts in {wd / 'experts'}")
   if refuse:
     raise divergence.Diverged(divergence.refusal(summary["diverged"]))

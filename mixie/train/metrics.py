@@ -1,8 +1,9 @@
 """Training metrics: one JSON line per logged step (per expert inside), and TensorBoard when installed.
 
 The TensorBoard mirror is written by `tensorboardX` (no TensorFlow, no torch); without it the mirror is
-skipped with one log line and `metrics.jsonl` holds everything. Only process 0 writes. On resume, lines of steps after the restored checkpoint (written by the run
-that was interrupted) are dropped, so the file reads as one uninterrupted run.
+skipped with one log line and `metrics.jsonl` holds everything. Only process 0 writes. On resume,
+lines of steps after the restored checkpoint (written by the run that was interrupted) are dropped, so
+the file reads as one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from typing import Any, Callable, Mapping
 
 from mixie.distributed import is_main_process
-from mixie.io import PathLike, atomic_write_text, path as _path
+from mixie.io import PathLike, atomic_write_text, note_write, path as _path
 
 
 def tensorboard_writer_class():
@@ -48,6 +49,7 @@ class MetricsWriter:
       if cls is None:
         log(f"mixie.train: TensorBoard mirror off (tensorboardX is not installed); metrics go to {self.path}")
       else:
+        note_write(tb_dir)  # tensorboardX writes its event files itself
         self._tb = cls(str(tb_dir))
 
   def truncate_after(self, mode: str, step: int) -> None:
@@ -70,6 +72,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     self.path.parent.mkdir(parents=True, exist_ok=True)
+    note_write(self.path)
     with self.path.open("a") as f:
       f.write(json.dumps(rec, sort_keys=True) + "\n")
     if self._tb is not None:
