@@ -174,8 +174,12 @@ def _stopper() -> Callable[[], bool]:
 
 
 def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer, mesh, rules, *,
-              stop=None, metrics=None, log=print):
-  """Trains one run (`mode` = experts, lora_all or full) to its end; returns the `LoopResult`."""
+              stop=None, metrics=None, log=print, store=None, ckpt_dir=None):
+  """Trains one run (`mode` = experts, lora_all or full) to its end; returns the `LoopResult`.
+
+  The experts are staged in `workdir/<mode>` as they finish and committed as one generation of that
+  store when the run finishes. `store` (a `Staging` the caller commits) and `ckpt_dir` replace those
+  (the expert lifecycle trains a few topics this way: `mixie.lifecycle.train`)."""
   t = config.train
   wd = mio.path(config.workdir)
   T = int(config.dataset.seq_len)
@@ -193,7 +197,8 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
   loader = PackedLoader(data.source, [-1] * E, batch_per_slot=b, seq_len=T, eos_id=tokenizer.eos_ids[0],
                         bos_id=bos, pad_id=tokenizer.pad_id, seed=int(config.seed), topic_map=topic_map)
   sched = ExpertScheduler(budgets, E)
-  store = None if mode == "full" else ExpertStore(wd / mode)
+  own = store is None and mode != "full"  # staged here, committed when the run finishes
+  store = ExpertStore(wd / mode).staging(f"train-{mode}") if own else store
 
   def meta(topic):
     if mode != "experts":
@@ -204,10 +209,12 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
 
   log(f"mixie.train[{mode}]: {len(budgets)} expert(s) on {E} slot(s) x {b} rows x {T} tokens, "
       f"{sum(budgets.values())} tokens in all, mesh {dict(run_mesh.shape)}")
-  res = train_loop(spec, run_mesh, rules, run_base, loader, sched, ckpt_dir=wd / "checkpoints" / mode,
+  res = train_loop(spec, run_mesh, rules, run_base, loader, sched, ckpt_dir=ckpt_dir or wd / "checkpoints" / mode,
                    store=store, fingerprint=fp, tokens_per_step=b * T, checkpoint_every=t.checkpoint_every,
                    log_every=t.log_every, max_steps=t.max_steps, metrics=metrics, expert_meta=meta, stop=stop,
                    keep_checkpoints=t.keep_checkpoints)
+  if own and res.status == "finished" and is_main_process():
+    store.commit(f"mixie.train: the {mode} run finished")
   if mode == "full" and res.status == "finished" and not (wd / "full" / "meta.json").exists() \
       and is_main_process():
     params = jax.tree.map(lambda x: x[0].astype(base_dtype(base)), jax.device_get(res.state["params"]))
