@@ -64,15 +64,18 @@ class ExpertMeta:
   targets: tuple[str, ...]  # adapted projections, a subset of mixie.model.llama.PROJECTIONS
   base_fingerprint: str  # mixie.model.checkpoint.fingerprint of the base it was trained on
   topic: int = -1  # the id it is stored under
-  kind: str = "expert"  # "expert" (a topic's), "lora_all" (the all-data baseline), "imported"
+  # "expert" (a topic's), "lora_all" / "lora_all_wide" (the all-data baselines), "seed" (the seed adapter
+  # branched experts start from: mixie.train.branch), "imported"
+  kind: str = "expert"
   centroid: tuple[float, ...] | None = None  # routing centroid in the topics' embedding space
   merged_topics: tuple[int, ...] | None = None  # small topics merged into this one (routed to it)
-  mode: str | None = None  # the training run that made it: "experts", "lora_all"
+  mode: str | None = None  # the training run that made it: "experts", "lora_all", "lora_all_wide", "seed"
   steps: int | None = None  # the run's step when the expert finished
   tokens_seen: int | None = None  # training tokens the expert saw
   final_loss: float | None = None  # its training loss at the last step
   budget: int | None = None  # its token budget
   topic_tokens: int | None = None  # tokens of its topic in the training split
+  seq_len: int | None = None  # the length T of its training rows (its attention FLOPs: mixie.compute)
   extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # any other field, as written
 
   @classmethod
@@ -120,7 +123,7 @@ class ExpertMeta:
     return (self.rank, self.alpha, self.targets) == (lora.rank, float(lora.alpha), tuple(lora.targets))
 
 
-_INT = ("rank", "topic", "steps", "tokens_seen", "budget", "topic_tokens")
+_INT = ("rank", "topic", "steps", "tokens_seen", "budget", "topic_tokens", "seq_len")
 _STR = ("base_fingerprint", "kind", "mode")
 
 

@@ -1,12 +1,12 @@
-"""Writes `topics.ipynb` and `experts.ipynb` (no outputs) from the cell sources below.
+"""Writes `topics.ipynb`, `experts.ipynb` and `sweep.ipynb` (no outputs) from the cell sources below.
 
-    python notebooks/make_notebooks.py           # rewrite both notebooks
+    python notebooks/make_notebooks.py           # rewrite the notebooks
     python notebooks/make_notebooks.py --check   # exit 1 if a committed notebook differs
 
 The notebooks hold no logic: every cell calls `mixie.analysis` or the evaluation's own figures
-(`mixie.evaluate.plots`). Edit the cells here, not in Jupyter, and
-commit the regenerated files. Each notebook opens with an install cell (does something only in Colab)
-and a parameters cell (tagged `parameters` for papermill; environment variables `MIXIE_WORKDIR` and
+(`mixie.evaluate.plots`). Edit the cells here, not in Jupyter, and commit the regenerated files. Each
+notebook opens with an install cell (does something only in Colab) and a parameters cell (tagged
+`parameters` for papermill; environment variables `MIXIE_WORKDIR` (`MIXIE_SWEEP`, `MIXIE_SWEEP_NAME`) and
 `MIXIE_FIGDIR` override its defaults), which is how `tests/test_notebooks.py` runs them headless.
 """
 
@@ -136,6 +136,59 @@ eval_plots.plot_routing_confusion(routes, save_dir=FIGDIR)'''),
 ]
 
 NOTEBOOKS = {"topics.ipynb": TOPICS, "experts.ipynb": EXPERTS}
+
+
+def sweep_cells() -> list:
+  """The cells of `sweep.ipynb`: the combined table and plots of a sweep directory
+  (`mixie.analysis.sweeps`)."""
+  return [
+      ("markdown", """\
+# mixie: a sweep
+
+The combined table of a sweep (`python -m mixie.sweep --config=configs/sweeps/NAME.py`): held-out
+perplexity of every row (base, lora_all, lora_all_wide, full, the routed experts, oracle) at every
+point, with each row's training tokens and FLOPs, and the plots against training tokens, FLOPs, the
+swept setting (k, rank, ...) and the routing prefix P.
+
+Every cell calls `mixie.analysis`; the figures are also written as PNG files into `FIGDIR`.
+Headless: `MIXIE_SWEEP=... MIXIE_SWEEP_NAME=... MIXIE_FIGDIR=... jupyter nbconvert --execute ...`."""),
+      ("code", INSTALL),
+      ("parameters", '''\
+import os
+
+SWEEP_DIR = os.environ.get("MIXIE_SWEEP", "/tmp/mixie_sweeps/cpu")  # the sweep directory
+SWEEP_NAME = os.environ.get("MIXIE_SWEEP_NAME", "")  # the sweep's name ("" = the only one reported there)
+FIGDIR = os.environ.get("MIXIE_FIGDIR", "")  # where PNGs go; "" = <SWEEP_DIR>/figures
+PREFIX = None  # P of the plots against tokens, FLOPs and the setting; None = the sweep's choice'''),
+      ("code", '''\
+%matplotlib inline
+from mixie import figures
+from mixie.analysis import sweeps
+
+FIGDIR = figures.figure_dir(SWEEP_DIR, FIGDIR)
+table = sweeps.load_table(SWEEP_DIR, SWEEP_NAME)
+print(f"sweep {table['name']} in {SWEEP_DIR}: {len(table['points'])} points\\nfigures: {FIGDIR}")'''),
+      ("markdown", "## The table\nPerplexity per point, P and row, then every row with its training compute."),
+      ("code", "print(sweeps.markdown(table))"),
+      ("markdown", "## Perplexity against training compute\nOne line per row (and series); the base is the "
+                   "dashed line. Equal x means equal training tokens (or FLOPs)."),
+      ("code", "sweeps.plot_vs_compute(table, by=\"tokens\", prefix=PREFIX, save_dir=FIGDIR)"),
+      ("code", "sweeps.plot_vs_compute(table, by=\"flops\", prefix=PREFIX, save_dir=FIGDIR)"),
+      ("markdown", "## Perplexity against the swept setting\nk, rank, tokens per expert, ... (when the sweep "
+                   "varies one)."),
+      ("code", '''\
+setting = sweeps.swept_setting(table)
+sweeps.plot_vs_setting(table, setting, prefix=PREFIX, save_dir=FIGDIR) if setting else print("no setting varies")'''),
+      ("markdown", "## The routing prefix P\nPerplexity and routing accuracy against P (when evaluated at "
+                   "several P)."),
+      ("code", '''\
+if sweeps.several_prefixes(table):
+  display(sweeps.plot_vs_prefix(table, metric="ppl", save_dir=FIGDIR))
+  display(sweeps.plot_vs_prefix(table, metric="routing_accuracy", save_dir=FIGDIR))'''),
+  ]
+
+
+NOTEBOOKS["sweep.ipynb"] = sweep_cells()
 
 
 def build(cells, stem: str) -> nbformat.NotebookNode:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("cluster", "train", "evaluate", "generate", "export", "experts")
+STAGES = ("cluster", "train", "evaluate", "generate", "export", "experts", "sweep")
 
 
 def _run(*args, timeout=120):

@@ -38,13 +38,14 @@ from mixie.cluster.hdbscan import umap_hdbscan
 from mixie.cluster.kmeans import METRICS
 from mixie.cluster.metrics import cluster_quality
 from mixie.data import dataset as ds
-from mixie.data.corpus import load_corpus, validate_data_config
+from mixie.data.corpus import corpus_report, load_corpus, validate_data_config
 from mixie.data.dataset import topic_token_counts
 from mixie.data.loader import resolve_small_topics
 from mixie.errors import ConfigError, MixieError, check
 from mixie.model.llama import PRESETS
 from mixie.model.load import has_shipped_vocab, load_base, load_tokenizer
 from mixie.sharding import make_mesh
+from mixie.validate import check_run_inputs
 
 METHODS = ("kmeans", "hdbscan")
 STEPS = ("embed", "cluster", "dataset")
@@ -152,6 +153,7 @@ def validate_config(config) -> None:
   if cc.method == "kmeans" and max_docs and cc.k > max_docs:
     raise ConfigError(f"cluster.k={cc.k} is larger than data.max_docs={max_docs}: "
                       "k-means needs at least k documents")
+  check_run_inputs(config)  # corpus, base headers, tokenizer: a bad input fails before any compute
 
 
 def _check_against_corpus(config, n_train: int) -> None:
@@ -292,6 +294,7 @@ def run_cluster(config, *, log=print) -> dict[str, Any]:
     nonlocal corpus
     if corpus is None:
       corpus = load_corpus(config.data)
+      log(f"mixie.cluster: {corpus_report(config.data, corpus.stats)}")
       _check_against_corpus(config, int((~corpus.heldout).sum()))
     return corpus
 

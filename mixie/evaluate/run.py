@@ -6,8 +6,9 @@ change a route. `prefix_routes` cuts the P-token prefix before anything else see
 embedder gets the decoded prefix (`mixie.route.router.embed_queries`), nothing more.
 
 Rows of the table (each scored on the same documents and tokens):
-- `base`: the frozen base; `lora_all`: the one-LoRA-on-all-data baseline (when trained); `full`: the
-  continued pre-training baseline (when trained);
+- `base`: the frozen base; `lora_all`: the one-LoRA-on-all-data baseline (when trained);
+  `lora_all_wide`: the same at rank E·r (when trained); `full`: the continued pre-training baseline
+  (when trained);
 - `centroid`, `knn`, `topk` (`eval.route_modes`): the routed experts; `topk` mixes its k experts'
   next-token distributions with the router's weights, in probability space;
 - `oracle`: each document's own topic's expert (the clustering's assignment: the routing loss is the
@@ -15,7 +16,7 @@ Rows of the table (each scored on the same documents and tokens):
 A document whose expert does not exist (a skipped small topic) is scored by the base. Columns:
 token-weighted perplexity over all documents and per topic (the document's topic in the clustered
 dataset), and routing accuracy: the fraction of documents whose (top-1) routed expert is their own
-topic's expert.
+topic's expert. Every row also states its training tokens and FLOPs (`mixie.compute`; `results["compute"]`).
 
 Scoring runs once per distinct (document, expert) pair over all rows and all P: the per-token
 log-likelihoods of `mixie.evaluate.ppl.pair_logprobs` (a jitted, vmapped mixed-expert forward, one
@@ -46,6 +47,7 @@ import numpy as np
 from mixie import io as mio
 from mixie.cluster.embed import load_embedder
 from mixie.cluster.topics import dataset_dir, load_topics, topics_dir
+from mixie.compute import format_flops, row_compute
 from mixie.data.dataset import open_dataset
 from mixie.errors import ConfigError, MixieError, check
 from mixie.evaluate import plots
@@ -59,6 +61,7 @@ from mixie.route.router import MODES, RouteResult, RouterConfig, embed_queries
 from mixie.route.run import build_routers, expert_of_topic
 from mixie.serve.cache import ExpertCache
 from mixie.store import load_tree, run_store
+from mixie.train import divergence
 
 ROUTED_MODES = tuple(m for m in MODES if m != "oracle")  # what a router chooses alone (oracle is a row)
 RESULTS_JSON = "results.json"
@@ -257,6 +260,9 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
   fixed = {"base": ("base", np.full((n, 1), -1, np.int64), ones)}
   if 0 in lora_all_store:
     fixed["lora_all"] = ("base", np.full((n, 1), all_key, np.int64), ones)
+  wide_store = run_store(wd, "lora_all_wide")  # its own rank: scored through its own cache
+  if 0 in wide_store:
+    fixed["lora_all_wide"] = ("wide", np.zeros((n, 1), np.int64), ones)
   if full is not None:
     fixed["full"] = ("full", np.full((n, 1), -1, np.int64), ones)
   rows = list(fixed) + list(modes) + ["oracle"]
@@ -270,18 +276,23 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
   # distinct (document, expert) pairs per model, scored once
   cache = ExpertCache(cfg, lora, _Experts(store, lora_all_store, all_key, lora, fp), int(config.eval.batch),
                       sharding=_replicated_like(params))
+  caches = {"base": cache, "full": cache}
+  if "lora_all_wide" in fixed:
+    wide = wide_store.lora()
+    caches["wide"] = ExpertCache(cfg, wide, lambda key: wide_store.load(0, fp, wide)[0],
+                                 int(config.eval.batch), sharding=_replicated_like(params))
   doc_ng = lambda g: np.repeat(np.arange(n)[:, None], g, axis=1)
   lp, index = {}, {}
   t0 = time.time()
   n_pairs = 0
-  for model, mparams in (("base", params), ("full", full)):
+  for model, mparams in (("base", params), ("full", full), ("wide", params if "wide" in caches else None)):
     if mparams is None:
       continue
     specs = [s for s in (row_spec(r, p) for r in rows for p in ps) if s[0] == model]
     codes = np.unique(np.concatenate([(doc_ng(k.shape[1]) * (all_key + 2) + k + 1).ravel()
                                       for _, k, _ in specs]))
-    lp[model] = pair_logprobs(mparams, cache, seqs, codes // (all_key + 2), codes % (all_key + 2) - 1,
-                              cfg=cfg, lora_scale=lora.scale, batch=int(config.eval.batch), length=length,
+    lp[model] = pair_logprobs(mparams, caches[model], seqs, codes // (all_key + 2), codes % (all_key + 2) - 1,
+                              cfg=cfg, lora_scale=caches[model].lora.scale, batch=int(config.eval.batch), length=length,
                               row_sharding=row_sharding_of(mparams, int(config.eval.batch)),
                               progress=progress)
     index[model] = codes
@@ -331,8 +342,10 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
       "by_prefix": by_prefix,
       "route": {**RouterConfig.from_config(config).to_json(), "modes": list(modes)},
       "lora": {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)},
+      "compute": row_compute(wd, rows, cfg, int(config.dataset.seq_len)),
       "base_fingerprint": fp, "pairs_scored": int(n_pairs), "scoring_seconds": round(score_s, 1),
       "seconds": round(time.time() - t_start, 1),
+      "diverged": divergence.load(wd),  # experts that diverged in training (marked in the table)
   }
   out = eval_dir(wd)
   mio.save_arrays(out / PER_DOC_NPZ, per_doc)
@@ -352,20 +365,30 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
 def format_table(results: dict[str, Any]) -> str:
   """The tables (one per P) as aligned text."""
   topics = [str(t) for t in results["topics"]]
+  bad_rows, bad_topics, footnote = divergence.table_marks(results)  # diverged in training: marked
+  mark = lambda name, bad: name + (divergence.MARK if bad else "")  # noqa: E731
 
   def line(label, overall, per_topic, acc=""):
-    return f"{label:<10}{overall:>10}" + "".join(f"{v:>10}" for v in per_topic) + f"{acc:>7}"
+    return f"{label:<14}{overall:>10}" + "".join(f"{v:>10}" for v in per_topic) + f"{acc:>7}"
 
   lines = ["held-out perplexity on the tokens after the first P (the router sees only those P; "
            "oracle = each document's own topic's expert; acc = routed to that expert)"]
   for p in results["prefix_tokens"]:
     tab = results["by_prefix"][str(p)]
-    head = line(f"P={p}", "overall", [f"topic {t}" for t in topics], "acc")
+    head = line(f"P={p}", "overall", [mark(f"topic {t}", t in bad_topics) for t in topics], "acc")
     lines += ["", head, "-" * len(head),
               line("docs", results["docs"], [tab["docs_per_topic"][t] for t in topics]),
               line("tokens", tab["tokens"], [tab["tokens_per_topic"][t] for t in topics])]
     for row in results["rows"]:
       acc = tab["routing_accuracy"][row]
       ppl = [f"{tab['ppl_per_topic'][row][t]:.3f}" for t in topics]
-      lines.append(line(row, f"{tab['ppl'][row]:.3f}", ppl, "-" if acc is None else f"{acc:.3f}"))
-  return "\n".join(lines)
+      lines.append(line(mark(row, row in bad_rows), f"{tab['ppl'][row]:.3f}", ppl,
+                        "-" if acc is None else f"{acc:.3f}"))
+  if results.get("compute"):
+    lines += ["", "training compute (mixie.compute: tokens trained on, model FLOPs)",
+              f"{'row':<14}{'tokens':>14}{'FLOPs':>12}"]
+    for row in results["rows"]:
+      c = results["compute"].get(row, {})
+      tok = "-" if c.get("tokens") is None else str(c["tokens"])
+      lines.append(f"{row:<14}{tok:>14}{format_flops(c.get('flops')):>12}")
+  return "\n".join(lines + ([footnote] if footnote else []))

@@ -5,11 +5,12 @@ The data is the run's clustered training split plus the documents added to the s
 the batch being added), as one random-access source (`CombinedSource`): a record keeps its clustered
 topic (mapped to the expert that trains it by the run's small-topic map), an added document has the
 topic it joined or formed. Budgets follow `train.budget` over all topics' tokens, added ones included;
-each expert trains from a fresh initialisation. E = the fewest slots that hold the topics (at most
-`train.slots`, a multiple of the mesh's expert axis). Experts are staged in the store under the
-operation's session and committed by the caller with the operation's other changes; the run checkpoints
-into `workdir/checkpoints/lifecycle/<session>` (removed after the commit), so a killed operation resumes
-where it stopped when rerun.
+each expert trains from a fresh initialisation, or, in a run of `train.init = "seed"`, branches from
+the run's seed adapter with its branch budget (`mixie.train.branch`). E = the fewest slots that hold
+the topics (at most `train.slots`, a multiple of the mesh's expert axis). Experts are staged in the
+store under the operation's session and committed by the caller with the operation's other changes;
+the run checkpoints into `workdir/checkpoints/lifecycle/<session>` (removed after the commit), so a
+killed operation resumes where it stopped when rerun.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from mixie.errors import MixieError, check
 from mixie.lifecycle.batches import batch_records, store_batches
 from mixie.model.checkpoint import fingerprint
 from mixie.model.load import load_base
+from mixie.model.lora import LoraConfig
 from mixie.sharding import mesh_from_config
 from mixie.store import ExpertStore, Staging
+from mixie.train import branch
 from mixie.train.main import TrainData, _stopper, open_train_data, train_run
 from mixie.train.metrics import MetricsWriter
 from mixie.train.scheduler import token_budgets
@@ -134,8 +137,9 @@ def session_dir(workdir, session: str):
 def train_topics(config, run: LoadedRun, store: ExpertStore, topics: Sequence[int], session: str, *,
                  pending: Sequence[str] = (), centroids: dict[int, Sequence[float]] | None = None,
                  log=print) -> tuple[Any, Staging]:
-  """Trains the experts of `topics` (fresh) into the store's staging session `session`; returns the
-  `LoopResult` and the `Staging` for the caller to commit (see the module docstring)."""
+  """Trains the experts of `topics` (fresh, or branched from the run's seed) into the store's staging
+  session `session`; returns the `LoopResult` and the `Staging` for the caller to commit (see the
+  module docstring)."""
   T = int(config.dataset.seq_len)
   data = lifecycle_data(config, store, int(config.train.batch_per_slot) * T, pending=pending,
                         centroids=centroids)
@@ -144,6 +148,10 @@ def train_topics(config, run: LoadedRun, store: ExpertStore, topics: Sequence[in
     raise MixieError(f"{config.workdir}: no training documents for topic(s) {missing} (an imported "
                      "expert, or a topic merged into another: retrain the topic it was merged into)")
   data = dataclasses.replace(data, budgets={int(t): data.budgets[int(t)] for t in topics})
+  plan, init = None, None
+  if config.train.init == "seed":  # a branched run: the experts branch from its seed adapter again
+    plan = branch.plan(config, data.budgets, int(config.train.batch_per_slot) * T)
+    init = branch.load(plan.dir, run.fp, LoraConfig.from_config(config.lora))
   c = config.copy_and_resolve_references()
   c.train.slots = slots_for(config, run.mesh, len(topics))
   staging = store.staging(session)
@@ -152,7 +160,7 @@ def train_topics(config, run: LoadedRun, store: ExpertStore, topics: Sequence[in
   try:
     res = train_run(c, "experts", run.cfg, run.base, run.fp, data, run.tokenizer, run.mesh, run.rules,
                     stop=_stopper(), metrics=metrics, log=log, store=staging,
-                    ckpt_dir=session_dir(wd, session))
+                    ckpt_dir=session_dir(wd, session), seed_plan=plan, init=init)
   finally:
     metrics.close()
   return res, staging

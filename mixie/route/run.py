@@ -63,7 +63,7 @@ def imported_experts(store: ExpertStore, n_topics: int, dim: int,
     if t < n_topics or m.centroid is None:
       continue  # a clustered topic, or no centroid: reachable by the oracle only
     c = np.asarray(m.centroid, np.float32)
-    check(c.shape == (dim,), f"{store.entry_dir(t)}: centroid has shape {c.shape}, the router's "
+    check(c.shape == (dim,), f"{store.dir}: expert {t}'s centroid has shape {c.shape}, the router's "
                              f"embedding space has dimension {dim}")
     ids.append(t)
     rows.append(c)
