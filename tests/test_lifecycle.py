@@ -3,7 +3,8 @@ from MiniLM embeddings of 240 Wikipedia summaries: `add` of standard-library cod
 experts, its documents (and unseen code) route to them, and every other expert keeps its file, bytes and
 hash; `retire` takes an expert out of centroid, kNN and top-k routing and `restore` brings it back;
 `history` and `rollback`; a commit SIGKILLed between its weight writes and the generation switch leaves
-the current generation whole, and a running server keeps serving it, then follows the next commit."""
+the current generation whole, and a running server keeps serving it, then follows the next commit;
+`retrain` in a run of branched experts (`train.init = "seed"`) starts from the run's seed adapter."""
 
 import json
 import os
@@ -20,10 +21,11 @@ from conftest import ROOT, TINY_RUN_OVERRIDES
 from mixie.cluster.embed import load_embedder
 from mixie.cluster.topics import topics_dir
 from mixie.data import stdlib_corpus
+from mixie.model.checkpoint import fingerprint
 from mixie.model.load import load_base
 from mixie.route.run import build_router
 from mixie.serve.run import make_server
-from mixie.store import ExpertStore, run_store
+from mixie.store import ExpertMeta, ExpertStore, run_store
 from mixie.store_versions import CURRENT, PAUSE_ENV, manifest_path
 from run_utils import write_tiny_hf_llama
 
@@ -42,11 +44,13 @@ def _env():
   return env
 
 
-def _cli(life, *args, env=None, check=True):
-  cmd = [sys.executable, "-m", *args, "--config=configs/demo.py:tiny", f"--workdir={life['wd']}"] + [
-      f"--config.{k}={v}" for k, v in life["over"].items()]
+def _cli(life, module, *args, env=None, check=True):
+  """Runs `python -m module` with the command and flags of `args` on the run (config flags first)."""
+  cmd = [sys.executable, "-m", module, *[a for a in args if not a.startswith("--")],
+         "--config=configs/demo.py:tiny", f"--workdir={life['wd']}"] + [
+      f"--config.{k}={v}" for k, v in life["over"].items()] + [a for a in args if a.startswith("--")]
   r = subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=900)
-  assert not check or r.returncode == 0, f"{args} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+  assert not check or r.returncode == 0, f"{module} {args} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
   return r
 
 
@@ -182,3 +186,21 @@ def test_sigkill_between_weight_writes_and_switch_keeps_the_generation_served(li
   last = server.generate(prompts, max_new_tokens=2)
   assert server.view.generation == g + 1
   assert all(x.error is None and x.expert != victim for x in last)
+
+
+def test_retrain_in_a_branched_run_starts_from_its_seed_adapter(life):
+  store = run_store(life["wd"])
+  t = min(life["before"])
+  old = store.meta(t)
+  cfg, params, _ = life["loaded"]
+  seed_dir = life["tmp"] / "seed"
+  seed = {p: {k: np.full_like(v, 0.01) for k, v in ab.items()} for p, ab in store.load(t, None)[0].items()}
+  ExpertStore(seed_dir).write(0, seed, ExpertMeta.new(old.lora, fingerprint(cfg, params), kind="seed",
+                                                       tokens_seen=1234, seq_len=32))
+  _cli(life, "mixie.experts", "retrain", f"--topic={t}", "--config.train.init=seed",
+       f"--config.train.seed_dir={seed_dir}")
+  new = store.meta(t)
+  assert new.extra["init"] == "seed" and new.extra["seed"]["dir"] == str(seed_dir)
+  assert new.extra["seed"]["tokens_seen"] == 1234
+  assert new.budget == round(0.5 * old.budget) and new.tokens_seen < old.tokens_seen  # the branch's share
+  assert store.sha256(t) != life["before"][t][2]
