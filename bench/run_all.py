@@ -44,6 +44,9 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "default": ["--sections", "serve,route", "--rows", "8", "--prompt-len", "32", "--new-tokens", "8",
                     "--knn-docs", "100000", "--reps", "2"],
         "smoke": ["--sections", "serve,route", "--quick", "--model", "random", "--reps", "1"]},
+    "store_commit": {
+        "default": ["--experts", "6,500", "--reps", "3"],
+        "smoke": ["--experts", "6,50", "--reps", "1"]},
     "topic_quality": {
         "default": ["--max-docs", "2000", "--base-docs", "100", "--k", "12"],
         "smoke": ["--max-docs", "300", "--base-docs", "100", "--k", "4"]},

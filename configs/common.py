@@ -181,6 +181,15 @@ def base_config() -> ml_collections.ConfigDict:
   # schema in mixie.serve.request_log); a relative path is under workdir; "" = off
   c.serve.log_path = "logs/requests.jsonl"
 
+  # --- expert lifecycle: python -m mixie.experts add / retrain (mixie.lifecycle) --------------------
+  c.lifecycle = ml_collections.ConfigDict()
+  c.lifecycle.join_quantile = 0.95  # add: a document joins its nearest topic when it lies within the
+  # topic's radius, this quantile of the topic's own training documents' distances to its centroid
+  c.lifecycle.new_topic_docs = 0  # add: the other documents form round(n / this) new topics (k-means);
+  # 0 = the run's median training documents per topic
+  c.lifecycle.retrain_joined = False  # add: also retrain the experts of the topics documents joined
+  # (False: they keep their weights; `retrain --topic N` uses the joined documents later)
+
   # --- monitor: python -m mixie.monitor summarises the request log (mixie.monitor) -------------------
   c.monitor = ml_collections.ConfigDict()
   c.monitor.log_path = ""  # the log to read; "" = serve.log_path

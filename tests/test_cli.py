@@ -54,4 +54,4 @@ def test_a_config_file_that_does_not_load_is_one_error_line(tmp_path):
   assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
   assert p.stderr.startswith("mixie: error: --config: ") and "No such file or directory" in p.stderr
   p = _run("mixie.experts", "--config=configs/demo.py:tiny")  # no command
-  assert p.returncode == 2 and p.stderr.strip().startswith("mixie: error: give a command: import or list")
+  assert p.returncode == 2 and p.stderr.strip().startswith("mixie: error: give a command: list, history, add, ")

@@ -2,6 +2,7 @@
 `forward` logits (base, baselines, routed experts, topk mixtures, oracle), oracle = own topic, topk with
 one expert = centroid, outputs written; on a tiny random Llama over a real (tf-idf) topics workdir."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -338,10 +339,10 @@ def test_bad_settings_fail_clearly(run, tmp_path):
   # an expert trained on another base is refused, naming it
   wd = tmp_path / "w"
   shutil.copytree(run["wd"], wd, ignore=shutil.ignore_patterns("eval"))
-  m = json.loads((wd / "experts" / "topic_000001" / "meta.json").read_text())
-  m["base_fingerprint"] = "0000000000000000"
-  (wd / "experts" / "topic_000001" / "meta.json").write_text(json.dumps(m))
-  with pytest.raises(MixieError, match="topic_000001.*another base|trained on base"):
+  store = ExpertStore(wd / "experts")
+  params, meta = store.load(1, None)
+  store.write(1, params, dataclasses.replace(meta, base_fingerprint="0000000000000000"))
+  with pytest.raises(MixieError, match="topic 1 was trained on base 0000000000000000"):
     R.evaluate(_config(wd), loaded=(CFG, run["params"], run["tok"]), log=lambda *_: None)
 
 

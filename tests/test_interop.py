@@ -323,6 +323,8 @@ def test_cli_export_import_refusal_and_list(run, tmp_path):
                      text=True, timeout=120)
   assert p.returncode == 0, p.stderr
   lines = p.stdout.strip().splitlines()
-  assert lines[0].endswith("experts: 3 expert(s)") and len(lines) == 4
-  assert lines[1].split()[:4] == ["0", "expert", "rank", "4"] and "merged topics [3]" in lines[1]
+  assert lines[0].startswith(f"{run['wd'] / 'experts'}: generation ") and len(lines) == 4
+  assert "3 expert(s), 0 retired" in lines[0]
+  assert lines[1].split()[:3] == ["0", "expert", "active"] and " rank 4 " in lines[1]
+  assert "merged topics [3]" in lines[1]
   assert "tokens 1002" in lines[3] and "loss 2.3000" in lines[3]

@@ -1,6 +1,7 @@
 """Expert store (round trip, completion marker, base fingerprint, the metadata schema and stores written
 by earlier versions) and the PEFT adapter format (writer and the one reader; parity with peft)."""
 
+import hashlib
 import json
 
 import jax
@@ -11,7 +12,7 @@ from mixie.errors import MixieError
 from mixie.interop.peft import from_peft_tensors, read_adapter, to_peft_tensors, write_adapter
 from mixie.model.llama import forward
 from mixie.model.lora import LoraConfig, init_expert
-from mixie.store import ExpertMeta, ExpertStore, check_fits
+from mixie.store import ExpertMeta, ExpertStore, check_fits, save_tree
 from train_utils import TINY
 
 
@@ -41,9 +42,9 @@ def test_store_round_trip_and_listing(tmp_path):
     assert a.dtype == b.dtype and np.array_equal(a, b)
   stack, metas = store.load_stack([3, 11], "fp-a")
   assert stack["q"]["a"].shape == (2,) + experts[3]["q"]["a"].shape and [m.topic for m in metas] == [3, 11]
-  # an entry whose meta.json was never written (killed mid-write) is not listed, and loading it says so
-  (store.entry_dir(5)).mkdir()
-  (store.entry_dir(5) / "weights.safetensors").write_bytes(b"partial")
+  # an expert written but never committed (a run killed before its commit) is not listed, and loading it
+  # says so
+  store.staging("killed").write(5, _expert(lora, 5), _meta(lora))
   assert store.topics() == [3, 11]
   with pytest.raises(MixieError, match="no expert for topic 5"):
     store.load(5, "fp-a")
@@ -55,9 +56,15 @@ def test_store_refuses_another_base_and_corrupt_files(tmp_path):
   store.write(0, _expert(lora), _meta(lora, fp="aaaa"))
   with pytest.raises(MixieError, match="trained on base aaaa, but the loaded base is bbbb"):
     store.load(0, "bbbb")
-  (store.entry_dir(0) / "weights.safetensors").write_bytes(b"\x00" * 20)
-  with pytest.raises(MixieError, match="corrupt or truncated safetensors"):
+  store.weights_file(0).write_bytes(b"\x00" * 20)
+  with pytest.raises(MixieError, match="corrupt weights file of expert 0: its bytes do not match the hash"):
     store.load(0, "aaaa")
+  legacy = tmp_path / "legacy" / "topic_000000"  # a store of the layout before generations: no hashes
+  legacy.mkdir(parents=True)
+  (legacy / "weights.safetensors").write_bytes(b"\x00" * 20)
+  (legacy / "meta.json").write_text(json.dumps(_meta(lora, fp="aaaa").to_json()))
+  with pytest.raises(MixieError, match="corrupt or truncated safetensors"):
+    ExpertStore(tmp_path / "legacy").load(0, "aaaa")
   bad = _expert(lora)
   bad["q"]["a"] = bad["q"]["a"][..., :1]  # rank 1 tensors under a rank-2 meta
   with pytest.raises(MixieError, match="do not fit rank 2"):
@@ -67,7 +74,8 @@ def test_store_refuses_another_base_and_corrupt_files(tmp_path):
 
 
 # meta.json of an expert and of the all-data LoRA exactly as the stores of earlier versions hold them
-# (copied from a run of 2026-11, the centroid shortened): they still load, unchanged.
+# (copied from a run of 2026-11, the centroid shortened): they still load, unchanged, from the layout
+# before generations (generation 0), and the first commit keeps them as they were.
 OLD_EXPERT_META = {
     "alpha": 16.0, "base_fingerprint": "33e4eabff8214f7e", "budget": 2048, "centroid": [0.25, -0.5, 0.125],
     "final_loss": 2.637050151824951, "format": "mixie_expert/1", "kind": "expert", "merged_topics": [],
@@ -83,14 +91,19 @@ def test_metadata_of_earlier_stores_loads_and_writes_back_byte_for_byte(tmp_path
   lora = LoraConfig(rank=8, alpha=16.0)
   for topic, old in ((2, OLD_EXPERT_META), (0, OLD_LORA_ALL_META)):
     store = ExpertStore(tmp_path / old["kind"])
-    store.write(topic, _expert(lora), ExpertMeta.new(lora, "x"))
+    store.entry_dir(topic).mkdir(parents=True)
+    save_tree(store.entry_dir(topic) / "weights.safetensors", _expert(lora), {"format": "mixie_expert/1"})
     text = json.dumps(old, indent=2, sort_keys=True) + "\n"  # how mixie.io.atomic_write_json writes
-    store.meta_file(topic).write_text(text)
+    (store.entry_dir(topic) / "meta.json").write_text(text)
+    assert store.generation == 0 and store.meta_file(topic) == store.entry_dir(topic) / "meta.json"
     params, meta = store.load(topic, "33e4eabff8214f7e", lora)
     assert meta.lora == lora and meta.kind == old["kind"] and meta.tokens_seen == old["tokens_seen"]
     assert meta.to_json() == old
-    store.write(topic, params, meta)  # rewritten by this version: the same bytes
-    assert store.meta_file(topic).read_text() == text
+    weights = (store.entry_dir(topic) / "weights.safetensors").read_bytes()
+    store.write(topic, params, meta)  # rewritten by this version: the same bytes, the same metadata
+    assert store.generation == 1 and store.weights_file(topic).read_bytes() == weights
+    assert store.meta(topic).to_json() == old and store.sha256(topic) == hashlib.sha256(weights).hexdigest()
+    assert (store.entry_dir(topic) / "meta.json").read_text() == text  # the old files are untouched
   m = ExpertStore(tmp_path / "lora_all").meta(0)
   assert m.extra == {"topics": 6} and m.centroid is None and m.merged_topics is None
   assert ExpertStore(tmp_path / "expert").meta(2).centroid == (0.25, -0.5, 0.125)
@@ -110,8 +123,10 @@ def test_metadata_is_validated_field_by_field(tmp_path):
     ExpertMeta.from_json({k: v for k, v in good.items() if k != "alpha"}, where="m.json")
   store = ExpertStore(tmp_path / "s")
   lora = LoraConfig(rank=2, alpha=4.0, targets=("q",))
-  store.write(0, _expert(lora), ExpertMeta.new(lora, "fp"))
-  store.meta_file(0).write_text(json.dumps({**store.meta(0).to_json(), "alpha": "big"}))
+  store.entry_dir(0).mkdir(parents=True)
+  save_tree(store.entry_dir(0) / "weights.safetensors", _expert(lora))
+  (store.entry_dir(0) / "meta.json").write_text(json.dumps({**ExpertMeta.new(lora, "fp").to_json(),
+                                                            "alpha": "big"}))
   with pytest.raises(MixieError, match=r"topic_000000/meta.json: field 'alpha'"):
     store.load(0, "fp")
 

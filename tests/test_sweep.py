@@ -14,6 +14,7 @@ from configs.sweeps import tiny as tiny_sweep_config
 from conftest import file_snapshot
 from mixie.cluster import topics
 from mixie.errors import ConfigError, MixieError
+from mixie.store import ExpertStore
 from mixie.sweep import report, runner, spec
 from mixie.train.main import wide_lora
 
@@ -51,11 +52,11 @@ def test_two_point_sweep_resumes_after_sigkill_without_redoing_the_finished_poin
     assert (d / "done.json").exists() and (d / "trained.json").exists()
     assert os.readlink(d / "topics") == os.readlink(sd / "points" / "scratch" / "topics")  # one shared dataset
   seeds = list((sd / "shared").glob("seed-*"))
-  assert len(seeds) == 1 and (seeds[0] / "topic_000000" / "meta.json").exists()
-  meta = json.loads((sd / "points" / "seed" / "experts" / "topic_000000" / "meta.json").read_text())
-  assert meta["init"] == "seed" and meta["seed"]["dir"] == str(seeds[0])
-  wide = json.loads((sd / "points" / "scratch" / "lora_all_wide" / "topic_000000" / "meta.json").read_text())
-  assert (wide["rank"], wide["alpha"]) == (4 * 8, 4 * 16.0)  # E·r for E = 4 trained experts, same scale
+  assert len(seeds) == 1 and ExpertStore(seeds[0]).topics() == [0]
+  meta = ExpertStore(sd / "points" / "seed" / "experts").meta(0)
+  assert meta.extra["init"] == "seed" and meta.extra["seed"]["dir"] == str(seeds[0])
+  wide = ExpertStore(sd / "points" / "scratch" / "lora_all_wide").meta(0)
+  assert (wide.rank, wide.alpha) == (4 * 8, 4 * 16.0)  # E·r for E = 4 trained experts, same scale
   # the combined table: every row of both points at both P, each with its training tokens and FLOPs
   table = report.load_table(sd)
   rows = {(r["point"], r["prefix"], r["row"]): r for r in table["rows"]}

@@ -65,8 +65,7 @@ def _start_and_signal(cmd, env, workdir, sig, after_step, timeout=300):
 
 def _store_bytes(workdir):
   s = ExpertStore(Path(workdir) / "experts")
-  return {t: tuple((s.entry_dir(t) / f).read_bytes() for f in ("weights.safetensors", "meta.json"))
-          for t in s.topics()}
+  return {t: (s.weights_file(t).read_bytes(), s.meta(t).to_json()) for t in s.topics()}
 
 
 @pytest.mark.slow

@@ -44,8 +44,7 @@ def ref_run(tmp_path_factory):
 
 
 def _store_bytes(store):
-  return {t: ((store.entry_dir(t) / "weights.safetensors").read_bytes(),
-              (store.entry_dir(t) / "meta.json").read_bytes()) for t in store.topics()}
+  return {t: (store.weights_file(t).read_bytes(), store.meta(t).to_json()) for t in store.topics()}
 
 
 def test_budgets_and_schedule_order():

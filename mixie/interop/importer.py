@@ -9,12 +9,14 @@ folded into B (one float32 rounding per element; none when the scales agree). It
 the mean of the L2-normalised embeddings of the given documents under the run's embedder (renormalised
 for the cosine metric); an adapter exported by mixie may bring its own centroid instead. A mixie export
 of the same run imports bit-exactly. Every adapter of one import is read and checked before any is
-written; each gets a new id after the clustered topics and the stored experts, and from then on the run's
-router (`mixie.route.run`) reaches it.
+written; each gets a new id after the clustered topics and the stored experts, all of one import are
+committed as one generation of the store, and from then on the run's router (`mixie.route.run`) reaches
+them.
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Mapping, Sequence
 
 import ml_collections
@@ -193,19 +195,23 @@ def import_run(config, adapters: Sequence[str], docs: Sequence[str] = (), *, bas
   store = run_store(config.workdir)
   lora = store.lora(default=LoraConfig.from_config(config.lora))
   metric = _run_metric(config)
-  embedder = _run_embedder(config, base) if texts else None
+  embedder = run_embedder(config, base) if texts else None
   ready = []  # every adapter is read and checked before any is written
   for i, a in enumerate(adapters):
     centroid = docs_centroid(embedder, texts[i], metric) if texts else None
     ready.append(prepare_import(a, base_cfg=base_cfg, fingerprint=fp, lora=lora, centroid=centroid,
                                 extra_meta={"docs": len(texts[i])} if texts else None))
   n_clustered = num_clustered_topics(config.workdir)
+  staging = store.staging(f"import-{uuid.uuid4().hex[:12]}")
   out = []
+  topic = next_topic_id(store, n_clustered)
   for a, (expert, meta) in zip(adapters, ready):
-    topic = next_topic_id(store, n_clustered)
-    out.append(store.write(topic, expert, meta))
+    out.append(staging.write(topic, expert, meta))
     how = f"centroid of {meta.extra['docs']} documents" if texts else "its exported centroid"
     log(f"mixie.experts import: {a} -> topic {topic} in {store.dir} ({how})")
+    topic += 1
+  gen = staging.commit(f"import {len(out)} adapter(s) as expert(s) {[m.topic for m in out]}")
+  log(f"mixie.experts import: generation {gen} of {store.dir}")
   return out
 
 
@@ -213,7 +219,7 @@ def _run_metric(config) -> str:
   return load_topics(config.workdir).metric if topics_complete(config.workdir) else config.cluster.metric
 
 
-def _run_embedder(config, base):
+def run_embedder(config, base):
   """The embedder the run's topics were embedded with (the configured one when there are none)."""
   d = topics_dir(config.workdir) / "embedder"
   if (d / SPEC_JSON).exists():

@@ -24,6 +24,11 @@ Every `RouteResult` carries confidences, whatever the mode (`mixie.route.fallbac
   more than the centroid search those modes make, so it is not run for a confidence).
 `distance` and `margin` describe the query's place among the centroids, also in `knn` and `oracle`
 modes (one more search over the centroids, cheap next to the document search).
+
+Retired experts (`active_k` False for their rows: `python -m mixie.experts retire`) are out of every
+search: their centroids are not searched and their training documents do not vote, so a query goes to
+the next nearest expert in every mode (centroid, knn votes, topk mixing), with the confidences of that
+route; only `oracle` (evaluation) still names any row.
 """
 
 from __future__ import annotations
@@ -186,12 +191,13 @@ class Router:
 
   def __init__(self, centroids_kd: np.ndarray, cfg: RouterConfig = RouterConfig(), *,
                doc_emb_nd: np.ndarray | None = None, doc_topics_n: np.ndarray | None = None,
-               expert_of_topic_k: np.ndarray | None = None):
+               expert_of_topic_k: np.ndarray | None = None, active_k: np.ndarray | None = None):
     """Args:
       centroids_kd: topic centroids (in the embedder's space, any norm).
       cfg: routing settings.
       doc_emb_nd, doc_topics_n: training document embeddings and their topics (needed by `knn`).
       expert_of_topic_k: expert id of each topic (default: topic i -> expert i; -1 = the base).
+      active_k: which topics may be routed to (default all; False: a retired expert's rows).
     """
     self.cfg = cfg
     self.centroids = np.asarray(centroids_kd, np.float32)
@@ -215,13 +221,22 @@ class Router:
             f"{self.doc_emb.shape[1]}, centroids {self.dim}")
       check(self.doc_topics.size == 0 or (self.doc_topics.min() >= 0 and self.doc_topics.max() < k),
             f"router: document topics must lie in [0, {k})")
+    self.active = np.ones((k,), bool) if active_k is None else np.asarray(active_k, bool)
+    check(self.active.shape == (k,), f"active_k has shape {self.active.shape}; expected ({k},)")
+    self.rows = np.flatnonzero(self.active)  # the searched rows (index position -> topic)
+    check(self.rows.size > 0, "router: every expert it could route to is retired; restore one "
+                              "(python -m mixie.experts restore --topic N)")
     # enough neighbours for the margin: one past the largest group of centroids sharing an expert
-    self.n_confidence = int(min(k, np.unique(self.expert_of_topic, return_counts=True)[1].max() + 1))
+    eot = self.expert_of_topic[self.rows]
+    self.n_confidence = int(min(eot.size, np.unique(eot, return_counts=True)[1].max() + 1))
     n_nb = cfg.topk if cfg.mode == "topk" else 1
-    self.centroid_index = Index(self.centroids, max(n_nb, self.n_confidence), cfg.search)
+    self.centroid_index = Index(self.centroids[self.rows], max(n_nb, self.n_confidence), cfg.search)
     self.doc_index = None
     if cfg.mode == "knn":
-      self.doc_index = Index(self.doc_emb, cfg.knn_k, cfg.search)
+      voters = self.active[self.doc_topics]
+      check(bool(voters.any()), "router: route.mode=knn, but every training document's topic is retired")
+      self._voter_topics = self.doc_topics[voters]
+      self.doc_index = Index(self.doc_emb[voters], cfg.knn_k, cfg.search)
 
   @property
   def dim(self) -> int:
@@ -236,7 +251,8 @@ class Router:
   def with_config(self, **changes) -> "Router":
     """The same arrays under changed settings: `mode=...`, or `search=...` (a backend name)."""
     return Router(self.centroids, _replace(self.cfg, **changes), doc_emb_nd=self.doc_emb,
-                  doc_topics_n=self.doc_topics, expert_of_topic_k=self.expert_of_topic)
+                  doc_topics_n=self.doc_topics, expert_of_topic_k=self.expert_of_topic,
+                  active_k=self.active)
 
   def exact(self) -> "Router":
     """This router with the exact numpy search (the reference for ScaNN)."""
@@ -251,8 +267,9 @@ class Router:
     """Topic ids `[n, k]`, weights `[n, k]` and the confidences `(distance, margin, vote_share)`."""
     mode = self.cfg.mode
     q = np.asarray(query_nd, np.float32)
-    ids, d2 = self.centroid_index.search(q, max(self.n_confidence, self.cfg.topk if mode == "topk"
+    pos, d2 = self.centroid_index.search(q, max(self.n_confidence, self.cfg.topk if mode == "topk"
                                                 else 1))
+    ids = self.rows[pos]
     distance, margin = nearest_other(ids, d2, self.expert_of_topic)
     share = None
     if mode == "oracle":
@@ -267,7 +284,7 @@ class Router:
       t, w = ids[:, :self.cfg.topk], _softmax_neg(d2[:, :self.cfg.topk], self.cfg.temperature)
     else:
       nb, nb_d2 = self.doc_index.search(q, self.cfg.knn_k)
-      win, share = vote_with_share(self.doc_topics[nb], nb_d2, self.n_topics, self.cfg.knn_vote,
+      win, share = vote_with_share(self._voter_topics[nb], nb_d2, self.n_topics, self.cfg.knn_vote,
                                    self.cfg.temperature)
       t, w = win[:, None], np.ones((win.shape[0], 1), np.float32)
     return t, w, (distance, margin, share)
@@ -288,16 +305,19 @@ class Router:
 
   # --- persistence ---------------------------------------------------------------------------------
 
-  def save(self, directory) -> None:
-    """Writes `router.npz` (arrays) and `router.json` (settings) into `directory`, atomically."""
+  def save(self, directory, info: dict[str, Any] | None = None) -> None:
+    """Writes `router.npz` (arrays) and `router.json` (settings, and `info`) into `directory`,
+    atomically."""
     d = mio.path(directory)
     arrays = {"centroids": self.centroids, "expert_of_topic": self.expert_of_topic}
     if self.doc_emb is not None:
       arrays["doc_emb"] = self.doc_emb
       arrays["doc_topics"] = self.doc_topics
+    if not self.active.all():
+      arrays["active"] = self.active
     mio.save_arrays(d / ROUTER_NPZ, arrays)
-    mio.atomic_write_json(d / ROUTER_JSON, {"config": self.cfg.to_json(), "n_topics": self.n_topics,
-                                            "dim": self.dim})
+    mio.atomic_write_json(d / ROUTER_JSON, {**(info or {}), "config": self.cfg.to_json(),
+                                            "n_topics": self.n_topics, "dim": self.dim})
 
   @classmethod
   def load(cls, directory, **overrides) -> "Router":
@@ -315,7 +335,8 @@ class Router:
           f"{d / ROUTER_NPZ}: centroids have shape {centroids.shape}, {ROUTER_JSON} says "
           f"({meta.get('n_topics')}, {meta.get('dim')})")
     return cls(centroids, _replace(cfg, **overrides), doc_emb_nd=arrays.get("doc_emb"),
-               doc_topics_n=arrays.get("doc_topics"), expert_of_topic_k=expert_of_topic)
+               doc_topics_n=arrays.get("doc_topics"), expert_of_topic_k=expert_of_topic,
+               active_k=arrays.get("active"))
 
 
 def _replace(cfg: RouterConfig, **changes) -> RouterConfig:

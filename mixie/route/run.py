@@ -7,14 +7,16 @@ analysis notebooks use.
 Rows: one per clustered topic (`workdir/topics`), served by the expert stored for it or by the expert it
 was merged into (a small topic's `merged_topics` in that expert's metadata), else by the base (-1);
 then one per store expert beyond the clustered topics that carries a routing centroid (brought in by
-`python -m mixie.experts import`). `knn` votes with the run's training documents, which imported experts
-have none of: they are reached in `centroid` and `topk` modes. A work directory without topics (an
-imports-only store) gets a router over the store's centroids alone.
+`python -m mixie.experts import`, or a new topic of `python -m mixie.experts add`). `knn` votes with the
+run's training documents and the documents added to the store's generation (`mixie.lifecycle.batches`);
+imported experts have none: they are reached in `centroid` and `topk` modes. The store's retired experts
+are out of every mode (`Router` `active_k`). A router reads one generation of the store throughout. A
+work directory without topics (an imports-only store) gets a router over the store's centroids alone.
 
 - `build_router(config, store, mode=)`: the router of `route.mode` (or `mode`);
 - `build_routers(config, store, modes)`: one per mode, sharing one build (evaluation);
-- `load_router(config, store)`: the saved router when it was built with the same settings and rows, else
-  a fresh one, saved (generation).
+- `load_router(config, store)`: the saved router when it was built with the same settings for the same
+  generation of the store, else a fresh one, saved (generation).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from mixie import io as mio
 from mixie.cluster.topics import load_embeddings, load_topics, topics_complete
 from mixie.distributed import is_main_process
 from mixie.errors import ConfigError, MixieError, check
+from mixie.lifecycle.batches import added_voters
 from mixie.route.router import ROUTER_JSON, Router, RouterConfig
 from mixie.store import ExpertMeta, ExpertStore, run_store
 
@@ -61,7 +64,7 @@ def imported_experts(store: ExpertStore, n_topics: int, dim: int,
     if t < n_topics or m.centroid is None:
       continue  # a clustered topic, or no centroid: reachable by the oracle only
     c = np.asarray(m.centroid, np.float32)
-    check(c.shape == (dim,), f"{store.entry_dir(t)}: centroid has shape {c.shape}, the router's "
+    check(c.shape == (dim,), f"{store.dir}: expert {t}'s centroid has shape {c.shape}, the router's "
                              f"embedding space has dimension {dim}")
     ids.append(t)
     rows.append(c)
@@ -90,7 +93,13 @@ def _store_router(store: ExpertStore, cfg: RouterConfig) -> Router:
   check(cfg.mode != "knn", f"route.mode=knn votes with the run's training documents, and "
                            f"{store.dir.parent} has no topics: route with centroid or topk", ConfigError)
   cents = np.stack([np.asarray(m.centroid, np.float32) for m in metas.values()])
-  return Router(cents, cfg, expert_of_topic_k=np.asarray(list(metas), np.int32))
+  eot = np.asarray(list(metas), np.int32)
+  return Router(cents, cfg, expert_of_topic_k=eot, active_k=active_rows(store, eot))
+
+
+def active_rows(store: ExpertStore, expert_of_topic_k: np.ndarray) -> np.ndarray:
+  """Which router rows may be routed to: those not served by a retired expert `[k]` (bool)."""
+  return ~np.isin(expert_of_topic_k, sorted(store.retired()))
 
 
 def build_router(config, store: ExpertStore | None = None, *, mode: str | None = None) -> Router:
@@ -100,6 +109,7 @@ def build_router(config, store: ExpertStore | None = None, *, mode: str | None =
   """
   cfg = router_config(config, mode)
   store = store if store is not None else run_store(config.workdir)
+  store = store if store.pinned is not None else store.at()  # one generation throughout
   if not topics_complete(config.workdir):
     return _store_router(store, cfg)
   topics = load_topics(config.workdir)
@@ -116,7 +126,11 @@ def build_router(config, store: ExpertStore | None = None, *, mode: str | None =
     train = ~topics.heldout_n
     rows = np.asarray([pos[d] for d in topics.doc_ids[train].tolist()], np.int64)
     doc_emb, doc_topics = emb["emb_nd"][rows], topics.topic_n[train]
-  return Router(centroids, cfg, doc_emb_nd=doc_emb, doc_topics_n=doc_topics, expert_of_topic_k=eot)
+    added_emb, added_rows = added_voters(config.workdir, store, k, eot[k:].tolist())
+    if added_emb is not None:
+      doc_emb, doc_topics = np.concatenate([doc_emb, added_emb]), np.concatenate([doc_topics, added_rows])
+  return Router(centroids, cfg, doc_emb_nd=doc_emb, doc_topics_n=doc_topics, expert_of_topic_k=eot,
+                active_k=active_rows(store, eot))
 
 
 def build_routers(config, store: ExpertStore | None, modes: Sequence[str]) -> dict[str, Router]:
@@ -129,22 +143,25 @@ def build_routers(config, store: ExpertStore | None, modes: Sequence[str]) -> di
 
 
 def load_router(config, store: ExpertStore | None = None) -> Router:
-  """The saved router of the run when it was built with the same settings and routes to the store's
-  current experts, else a fresh one (saved)."""
+  """The saved router of the run when it was built with the same settings for the store's generation
+  and routes to its experts, else a fresh one (saved)."""
   d = router_dir(config.workdir)
   store = store if store is not None else run_store(config.workdir)
+  store = store if store.pinned is not None else store.at()
   want = router_config(config)
   if (d / ROUTER_JSON).exists() and topics_complete(config.workdir):
     try:
-      saved = RouterConfig.from_json(mio.read_json(d / ROUTER_JSON)["config"])
+      info = mio.read_json(d / ROUTER_JSON)
+      saved = RouterConfig.from_json(info["config"])
     except (MixieError, KeyError, TypeError):
-      saved = None  # unreadable: rebuilt below
-    if saved == want:
+      info, saved = {}, None  # unreadable: rebuilt below
+    if saved == want and info.get("store_generation", 0) == store.generation:
       router = Router.load(d)
       k = load_topics(config.workdir).num_topics
-      if np.array_equal(router.expert_of_topic, routed_experts(store, k, router.dim)[0]):
+      if np.array_equal(router.expert_of_topic, routed_experts(store, k, router.dim)[0]) and \
+          np.array_equal(router.active, active_rows(store, router.expert_of_topic)):
         return router
   router = build_router(config, store)
   if is_main_process():  # every process of a multi-process run builds the same router; one saves it
-    router.save(d)
+    router.save(d, info={"store_generation": store.generation})
   return router

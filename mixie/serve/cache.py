@@ -117,6 +117,13 @@ class ExpertCache:
     slot_n = np.array([self._lru[e] if e >= 0 and e not in errors else -1 for e in ids], np.int32)
     return slot_n, errors
 
+  def drop(self, expert_ids: Iterable[int]) -> None:
+    """Forgets cached experts (their slots become free): the next use loads them again."""
+    for e in expert_ids:
+      slot = self._lru.pop(int(e), None)
+      if slot is not None:
+        self._free.append(slot)
+
   def _take_slot(self, pinned: set[int]) -> int:
     if self._free:
       return self._free.pop(0)

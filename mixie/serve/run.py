@@ -1,10 +1,11 @@
 """The `Server` of a run: base, tokenizer, topics embedder, router and expert store of its work directory,
 with the run's fallback rule and request log.
 
-`make_server(config)` builds it; `configure_server(server, config)` sets what `route.fallback` /
-`route.confidence` / `route.calibrate*` / `route.min_confidence` ask (the threshold calibrated on the
-run's training documents when asked: `mixie.route.calibrate.serving_policy`), the all-data LoRA of
-`workdir/lora_all` for the "lora_all" fallback, and `serve.log_path`.
+`make_server(config)` builds it, following the store's generations (the router is rebuilt for each new
+one); `configure_server(server, config)` sets what `route.fallback` / `route.confidence` /
+`route.calibrate*` / `route.min_confidence` ask (the threshold calibrated on the run's training documents
+when asked: `mixie.route.calibrate.serving_policy`), the all-data LoRA of `workdir/lora_all` for the
+"lora_all" fallback, and `serve.log_path`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from mixie.cluster.topics import topics_dir
 from mixie.errors import ConfigError, MixieError, check
 from mixie.model.load import load_base
 from mixie.route.calibrate import serving_policy
-from mixie.route.run import load_router
+from mixie.route.run import build_router, load_router
 from mixie.serve.request_log import RequestLog, log_path
 from mixie.serve.server import Server
 from mixie.store import run_store
@@ -35,7 +36,8 @@ def make_server(config, loaded=None) -> Server:
   embedder = load_embedder(topics_dir(config.workdir) / "embedder", base=(cfg, params, tokenizer),
                            batch=int(config.cluster.embed_batch))
   return configure_server(Server(cfg, params, tokenizer, store, load_router(config, store), embedder,
-                                 cache_slots=int(config.generate.cache_experts)), config)
+                                 cache_slots=int(config.generate.cache_experts),
+                                 router_builder=lambda view: build_router(config, view)), config)
 
 
 def configure_server(server: Server, config, *, source: str = "generate", log=print) -> Server:

@@ -11,6 +11,14 @@
 Batches are padded to power-of-two rows and prompt lengths to a multiple of `length_bucket`, so a
 server compiles a few shapes, not one per request.
 
+Generations (`mixie.store`): the server reads one committed generation of its store (`view`). Before
+each batch (`generate`, `generate_tokens`) it reads the store's CURRENT pointer (one small file); when
+another generation was committed (`python -m mixie.experts add / retrain / retire / restore / rollback`)
+it switches to it without a restart: the router is rebuilt for it (`router_builder`, which
+`mixie.serve.run.make_server` sets; without one the router is kept), and the cached experts whose weight
+file's hash changed, or which the new generation lacks, are dropped from the expert cache. It never reads
+a generation before its commit, so it never serves a half-written expert.
+
 Fallback and log (both optional, set from a run's config by `mixie.serve.run.configure_server`): a prompt
 whose routing confidence is below the `policy`'s threshold is served by the fallback model (the base,
 or the all-data LoRA under the key `LORA_ALL_KEY`; `mixie.route.fallback`), and every prompt of a
@@ -21,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +75,8 @@ class Server:
                cache_slots: int = 16, *, lora: LoraConfig | None = None,
                base_fingerprint: str | None = None, length_bucket: int = 32,
                policy: Policy | None = None, lora_all_store: ExpertStore | None = None,
-               request_log: RequestLog | None = None, log_source: str = "server"):
+               request_log: RequestLog | None = None, log_source: str = "server",
+               router_builder: Callable[[ExpertStore], object] | None = None):
     """Args:
       base_cfg, params: the frozen base model.
       tokenizer: `encode(text) -> ids`, `decode(ids) -> text`, `eos_ids` (`mixie.model.tokenizer`).
@@ -81,14 +90,18 @@ class Server:
       policy: the fallback rule (`mixie.route.fallback.Policy`; default: no fallback).
       lora_all_store: the store of the all-data LoRA (topic 0), for the "lora_all" fallback.
       request_log, log_source: where `generate` logs its prompts (None: nowhere), and as what.
+      router_builder: the router of a generation of the store (a pinned `ExpertStore` view), called when
+        the server switches generations (None: the router is kept).
     """
     self.cfg = base_cfg
     self.params = params
     self.tokenizer = tokenizer
     self.store = store
+    self.view = store if store.pinned is not None else store.at()  # the generation served
     self.router = router
+    self.router_builder = router_builder
     self.embedder = embedder
-    self.lora = lora if lora is not None else store.lora()
+    self.lora = lora if lora is not None else self.view.lora()
     self.base_fingerprint = (base_fingerprint if base_fingerprint is not None
                              else fingerprint(base_cfg, params))
     if router is not None:
@@ -113,7 +126,23 @@ class Server:
     this base and the serving LoRA config."""
     if topic == LORA_ALL_KEY:
       return self.lora_all_store.load(0, self.base_fingerprint, self.lora)[0]
-    return self.store.load(topic, self.base_fingerprint, self.lora)[0]
+    return self.view.load(topic, self.base_fingerprint, self.lora)[0]
+
+  def sync_generation(self) -> bool:
+    """Switches to the store's current generation when another one was committed (see the module
+    docstring); returns whether it switched. Called before every batch."""
+    if self.store.pinned is not None:
+      return False
+    n = self.store.current_generation()
+    if n == self.view.generation:
+      return False
+    old, new = self.view, self.store.at(n)
+    router = self.router_builder(new) if self.router_builder is not None else self.router
+    stale = [e for e in self.cache.resident if e != LORA_ALL_KEY and
+             (e not in new or e not in old or old.sha256(e) != new.sha256(e))]
+    self.cache.drop(stale)
+    self.view, self.router = new, router
+    return True
 
   # --- routing -------------------------------------------------------------------------------------
 
@@ -147,15 +176,16 @@ class Server:
     strings are cut from the text after decoding. Returns one `Result` per prompt, in order.
     """
     check(len(prompts) > 0, "generate: no prompts given")
+    self.sync_generation()
     start_s = time.time()
     token_ids = [list(self.tokenizer.encode(p)) for p in prompts]
     routed_ids = [ids if ids else [0] for ids in token_ids]
     t0 = time.perf_counter()
     routed, served, below_n = self.route_with_fallback(routed_ids)
     route_ms = 1e3 * (time.perf_counter() - t0)
-    results = self.generate_tokens(token_ids, served.expert_ids, served.weights,
-                                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                   top_k=top_k, stop=stop, seed=seed)
+    results = self._generate_tokens(token_ids, served.expert_ids, served.weights,
+                                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                    top_k=top_k, stop=stop, seed=seed)
     for i, r in enumerate(results):
       r.confidence = {"distance": float(routed.distance[i]), "margin": float(routed.margin[i]),
                       "vote_share": float(routed.vote_share[i])}
@@ -177,7 +207,14 @@ class Server:
                       top_k: int = 0, stop: Sequence[int | str] | None = None,
                       seed: int = 0) -> list[Result]:
     """Generates from tokenized prompts with given experts: `expert_ids [n]` or `[n, g]` (-1 = base),
-    `weights [n, g]` (default uniform)."""
+    `weights [n, g]` (default uniform), from the store's current generation."""
+    self.sync_generation()
+    return self._generate_tokens(token_ids, expert_ids, weights, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed)
+
+  def _generate_tokens(self, token_ids, expert_ids, weights=None, *, max_new_tokens=64, temperature=0.0,
+                       top_p=1.0, top_k=0, stop=None, seed=0) -> list[Result]:
+    """`generate_tokens` within the generation already served (no switch)."""
     check(max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}", ConfigError)
     check(temperature >= 0.0, f"temperature must be >= 0, got {temperature}", ConfigError)
     check(0.0 < top_p <= 1.0, f"top_p must be in (0, 1], got {top_p}", ConfigError)

@@ -39,7 +39,7 @@ from mixie.cluster.topics import dataset_dir, load_topics, run_cluster, summary_
 from mixie.cluster.topics import validate_config as validate_cluster
 from mixie.data.dataset import dataset_status, open_dataset, topic_token_counts
 from mixie.data.loader import PackedLoader, resolve_small_topics
-from mixie.distributed import is_main_process, to_host
+from mixie.distributed import barrier, is_main_process, to_host
 from mixie.dtypes import check_model_dtypes
 from mixie.errors import ConfigError, check
 from mixie.evaluate.run import evaluate, format_table, validate_eval_config
@@ -185,10 +185,16 @@ def _stopper() -> Callable[[], bool]:
 
 
 def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer, mesh, rules, *,
-              stop=None, metrics=None, log=print, seed_plan: branch.SeedPlan | None = None, init=None):
+              stop=None, metrics=None, log=print, seed_plan: branch.SeedPlan | None = None, init=None,
+              store=None, ckpt_dir=None):
   """Trains one run (`mode` = experts, lora_all, lora_all_wide, full or seed) to its end; returns the
   `LoopResult`. A branched run (`train.init = "seed"`) passes its `seed_plan` (the seed's and the
-  branches' budgets) and, for the experts, `init` = `(seed params, seed info)` from `branch.load`."""
+  branches' budgets) and, for the experts, `init` = `(seed params, seed info)` from `branch.load`.
+
+  The experts are staged in the run's store (`workdir/<mode>`, the seed's `seed_plan.dir`) as they
+  finish and committed as one generation of it when the run finishes. `store` (a `Staging` the caller
+  commits) and `ckpt_dir` replace those (the expert lifecycle trains a few topics this way:
+  `mixie.lifecycle.train`)."""
   t = config.train
   wd = mio.path(config.workdir)
   T = int(config.dataset.seq_len)
@@ -202,7 +208,8 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
     budgets = {0: seed_plan.tokens} if mode == "seed" else seed_plan.branch_budgets
   lora = wide_lora(config, len(data.budgets)) if mode == "lora_all_wide" else LoraConfig.from_config(config.lora)
   out_dir = seed_plan.dir if mode == "seed" else wd / mode
-  ckpt_dir = out_dir / "checkpoints" if mode == "seed" else wd / "checkpoints" / mode
+  if ckpt_dir is None:
+    ckpt_dir = out_dir / "checkpoints" if mode == "seed" else wd / "checkpoints" / mode
   spec = TrainSpec(cfg=cfg, lora=lora, opt=optim.OptConfig.from_config(t),
                    slots=E, mode=mode, remat=bool(config.model.remat), seed=int(config.seed),
                    ce_chunk=int(t.ce_chunk))
@@ -211,7 +218,8 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
   loader = PackedLoader(data.source, [-1] * E, batch_per_slot=b, seq_len=T, eos_id=tokenizer.eos_ids[0],
                         bos_id=bos, pad_id=tokenizer.pad_id, seed=int(config.seed), topic_map=topic_map)
   sched = ExpertScheduler(budgets, E)
-  store = None if mode == "full" else ExpertStore(out_dir)
+  own = store is None and mode != "full"  # staged here, committed when the run finishes
+  store = ExpertStore(out_dir).staging(f"train-{mode}") if own else store
 
   merged_into: dict[int, list[int]] = {}  # trained topic -> the small topics merged into it (one pass)
   for k, into in enumerate(data.topic_map.tolist()):
@@ -233,6 +241,10 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
                    log_every=t.log_every, max_steps=t.max_steps, metrics=metrics, expert_meta=meta, stop=stop,
                    keep_checkpoints=t.keep_checkpoints, divergence=divergence.DivergenceRule.from_config(t),
                    init_params=None if init is None else init[0])
+  if own and res.status == "finished":
+    if is_main_process():
+      store.commit(f"mixie.train: the {mode} run finished")
+    barrier(f"mixie.train.commit.{mode}")  # the other processes read the committed generation next
   if mode == "full" and res.status == "finished" and not (wd / "full" / "meta.json").exists():
     params = jax.tree.map(lambda x: x[0].astype(base_dtype(base)), to_host(res.state["params"]))
     if not is_main_process():  # every process gathers (a collective), process 0 writes
