@@ -27,20 +27,12 @@ PARAMS_222 = {
     "down": (None, "model", None),
 }
 EXPERT_222 = {"a": ("expert", None, None, None), "b": ("expert", None, None, None)}
-ACTIVATIONS_222 = {
-    "tokens": ("expert", "data", None), "hidden": ("expert", "data", None, None),
-    "logits": ("expert", "data", None, None), "kv_cache": (None, "data", None, "model", None),
-    "rows": ("data", None),
-}
+ACTIVATIONS_222 = {"tokens": ("expert", "data", None), "slot": ("expert",)}
 CONFIGS = [(demo, "", "smollm2_135m"), (tinyllama_moin5k, "", "tinyllama_1b")]
 
 
 def _spec(names, rules, mesh):
   return tuple(logical_to_spec(names, rules, mesh))
-
-
-def _pad(spec, n):
-  return tuple(spec) + (None,) * (n - len(spec))
 
 
 @pytest.mark.parametrize("module, arg, preset", CONFIGS)
@@ -67,6 +59,7 @@ def test_parameter_and_activation_specs_on_a_2x2x2_mesh(module, arg, preset):
   assert sum(1 for names in opt if _spec(names, rules, mesh) == EXPERT_222["a"]) == 4 * len(lora.targets)
   assert all(_spec(names, rules, mesh)[0] == "expert" for names in opt)
   assert _spec(st_axes["topic"], rules, mesh) == ("expert",)
+  assert set(ACTIVATION_AXES) == set(ACTIVATIONS_222)
   for kind, want in ACTIVATIONS_222.items():
     assert _spec(ACTIVATION_AXES[kind], rules, mesh) == want, kind
 
@@ -85,8 +78,8 @@ def test_specs_on_the_configs_own_mesh(module, arg, preset):
   for k, names in {"a": ("expert", "layers", "lora_in", "lora_rank"),
                    "b": ("expert", "layers", "lora_rank", "lora_out")}.items():
     assert _spec(names, rules, mesh) == ("expert", None, None, None)
-  assert _pad(_spec(ACTIVATION_AXES["tokens"], rules, mesh), 3) == ("expert", None, None)
-  assert _spec(ACTIVATION_AXES["kv_cache"], rules, mesh) == (None,) * 5
+  assert _spec(ACTIVATION_AXES["tokens"], rules, mesh) == ("expert", None, None)
+  assert _spec(ACTIVATION_AXES["slot"], rules, mesh) == ("expert",)
 
 
 def test_rules_stay_config_data():
@@ -97,3 +90,19 @@ def test_rules_stay_config_data():
   assert _spec(param_at(axes, "embed"), rules, mesh) == ("model", "data")
   assert _spec(param_at(axes, "lm_head"), rules, mesh) == ("data", "model")
   assert _spec(param_at(axes, "q"), rules, mesh) == (None, "data", None)
+
+
+def test_the_train_step_is_jitted_with_these_specs():
+  """`compile_fns` places the base, the state, the batch and the per-slot values by the same specs."""
+  from mixie.train.step import compile_fns
+  from train_utils import TINY, tiny_spec
+
+  c = demo.get_config("")
+  rules = tuple(tuple(r) for r in c.mesh.rules)
+  mesh = make_mesh((2, 2, 2), tuple(c.mesh.axes))
+  comp = compile_fns(tiny_spec(4), mesh, rules, abstract_params(TINY))
+  assert tuple(param_at(comp.base_shardings, "q").spec) == PARAMS_222["q"]
+  assert tuple(param_at(comp.base_shardings, "down").spec) == PARAMS_222["down"]
+  assert tuple(comp.state_shardings["params"]["gate"]["b"].spec) == EXPERT_222["b"]
+  assert tuple(comp.state_shardings["topic"].spec) == ACTIVATIONS_222["slot"]
+  assert tuple(comp.batch_shardings["tokens"].spec) == ACTIVATIONS_222["tokens"]

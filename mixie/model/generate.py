@@ -226,7 +226,7 @@ def decode_loop(prefill_fn, step_fn, prompt_bt, lengths_b, weights_pg, stop_s, k
 
 def cached_decode(decoder: Decoder, cache_len: int, *, unstack: bool):
   """`(prefill_fn, step_fn)` of `decode_loop` over a KV cache of `cache_len` positions; `unstack`:
-  decode over unstacked layers (sliced once, after the prefill)."""
+  decode over unstacked layers (sliced once, outside the loop)."""
   stepper = decoder.unstacked() if unstack else decoder
   cfg = decoder.model.cfg
 

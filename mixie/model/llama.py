@@ -44,14 +44,12 @@ PARAM_PATHS = {
     **{p: ("layers",) + m + ("kernel",) for p, m in PROJECTION_MODULE.items()},
 }
 
-# Logical axes of the activations a step places (tokens, hidden states, logits, KV cache); the
-# parameters carry their own as variable metadata. `mixie.sharding` maps both by the config's rules.
+# Logical axes of the activations a jitted step places (its inputs and outputs besides parameters and
+# optimizer state); the parameters carry their own as variable metadata. `mixie.sharding` maps both by
+# the config's rules. Inside the model activations are left to XLA's propagation from these.
 ACTIVATION_AXES = {
-    "tokens": ("expert", "batch", "length"),  # a training batch [E, b, T]
-    "hidden": ("expert", "batch", "length", "embed"),
-    "logits": ("expert", "batch", "length", "vocab"),
-    "kv_cache": ("layers", "batch", "length", "kv_heads", "head_dim"),  # [l, b, S, k, h]
-    "rows": ("batch", "length"),  # serving and scoring rows [b, T]
+    "tokens": ("expert", "batch", "length"),  # a training batch [E, b, T]: tokens, targets, loss mask
+    "slot": ("expert",),  # one value per slot [E]: topics, metrics, reset masks and horizons
 }
 
 
@@ -87,9 +85,9 @@ class Llama(nnx.Module):
       cache: a KV cache from `init_cache`; tokens are written at each row's `length`, and the new
         cache's `length` is the old plus t (callers with right-padded prompts set the true lengths).
       dropout_key: LoRA-dropout key (training only; None: no dropout).
-      remat: what a differentiated call keeps per layer: "none" (everything; inference), "minimal"
-        (the outputs in `mixie.model.layers.SAVED`, recomputing the rest), "full" (only the layer
-        inputs).
+      remat: what a differentiated call keeps per layer of the stacked scan: "none" (everything;
+        inference), "minimal" (the outputs in `mixie.model.layers.SAVED`, recomputing the rest),
+        "full" (only the layer inputs). Unstacked layers (decoding) keep everything.
     """
     cfg = self.cfg
     b, t = tokens_bt.shape

@@ -118,7 +118,7 @@ def state_axes(spec: TrainSpec, abstract) -> dict[str, Any]:
   opt_axes = jax.tree.map(
       lambda x: p_axes if is_p(x) else ("expert",) + (None,) * (x.ndim - 1),
       abstract["opt"], is_leaf=is_p)
-  return {"params": p_axes, "opt": opt_axes, "topic": ("expert",)}
+  return {"params": p_axes, "opt": opt_axes, "topic": ACTIVATION_AXES["slot"]}
 
 
 def abstract_state(spec: TrainSpec, base_abstract) -> dict[str, Any]:
@@ -279,7 +279,7 @@ def _compile_fns(spec: TrainSpec, mesh: Mesh, rules, base_abstract) -> Compiled:
   full_bs = base_shardings(spec, mesh, rules)
   bs = full_bs if spec.lora_mode else None  # "full" trains the base: no frozen argument
   bt = batch_shardings(mesh, rules)
-  e_sh = NamedSharding(mesh, shd.logical_to_spec(("expert",), rules, mesh))
+  e_sh = NamedSharding(mesh, shd.logical_to_spec(ACTIVATION_AXES["slot"], rules, mesh))
   metrics_sh = {k: e_sh for k in ("loss", "tokens", "grad_norm", "lr")}
   step = jax.jit(lambda s, b, x: train_step(spec, s, b, x), in_shardings=(st, bs, bt),
                  out_shardings=(st, metrics_sh), donate_argnums=(0,))
