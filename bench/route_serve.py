@@ -105,9 +105,13 @@ def mixie_variants(cfg, params, lora, *, rows, prompt_len, new_tokens, seed=0):
 
   def variant(kind, e):
     """Jitted prefill and k-step decode; weights and experts are arguments, not constants."""
-    # as generate_rows: a mixed batch's experts in layer-major layout (row axis 1), gathered once
-    decoder = lambda params, e: Decoder.of(bind(cfg, params, e, lora_scale=scale),  # noqa: E731
-                                        1 if kind == "mixed" else None)
+
+    def decoder(params, e, step=False):  # as generate_rows for a mixed batch (rows' experts `[b, ...]`)
+      if kind != "mixed":
+        return Decoder.of(bind(cfg, params, e, lora_scale=scale))
+      if step and unstack:
+        return Decoder.of(bind(cfg, params, e, lora_scale=scale), 0)
+      return Decoder.of(bind(cfg, params, layer_major(e), lora_scale=scale), 1)
 
     @jax.jit
     def run_prefill(params, e, tokens, lengths):
@@ -115,7 +119,7 @@ def mixie_variants(cfg, params, lora, *, rows, prompt_len, new_tokens, seed=0):
 
     @jax.jit
     def run_decode(params, e, logits, cache):
-      dec = decoder(params, e)
+      dec = decoder(params, e, step=True)
       dec = dec.unstacked() if unstack else dec  # as generate / generate_rows on CPU
 
       def body(_, carry):
@@ -128,7 +132,7 @@ def mixie_variants(cfg, params, lora, *, rows, prompt_len, new_tokens, seed=0):
             _timer(lambda: jax.block_until_ready(run_decode(params, e, *state))), k)
 
   variants = {f"mixie_{kind}": variant(kind, e) for kind, e in
-              (("mixed", layer_major(experts_b)), ("one", one), ("base", None))}
+              (("mixed", experts_b), ("one", one), ("base", None))}
   # Decode streams the weights every step: the base once, plus one expert (one) or b experts (mixed).
   nbytes = lambda tree: int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))  # noqa: E731
   w, e = nbytes(params), nbytes(one)

@@ -116,11 +116,10 @@ class Decoder:
     return logits_b1v.reshape(b, -1), _cache_back(c, b)
 
   def unstacked(self) -> "Decoder":
-    """The same decoder over `Llama.unstacked()` (the layers sliced once, here); rows must be
-    layer-major (`row_axis` 1), so that a layer's slice keeps its rows, at axis 0."""
-    if self.row_axis not in (None, 1):
-      raise ValueError(f"unstacking needs layer-major rows (row_axis 1), got row_axis={self.row_axis}")
-    return Decoder.of(self.model.unstacked(), None if self.row_axis is None else 0)
+    """The same decoder over `Llama.unstacked()` (the layers sliced once, here). Rows at axis 0 of the
+    experts (`[b, l, ...]`) are sliced per layer directly; layer-major ones (`row_axis` 1) at axis 0."""
+    model = self.model.unstacked(adapter_layer_axis=1 if self.row_axis == 0 else 0)
+    return Decoder.of(model, None if self.row_axis is None else 0)
 
 
 def prefill(params: Params, expert, prompt_bt, lengths_b, cache: dict, cfg: LlamaConfig, *,
@@ -224,10 +223,10 @@ def decode_loop(prefill_fn, step_fn, prompt_bt, lengths_b, weights_pg, stop_s, k
   return out_pn, n_p
 
 
-def cached_decode(decoder: Decoder, cache_len: int, *, unstack: bool):
-  """`(prefill_fn, step_fn)` of `decode_loop` over a KV cache of `cache_len` positions; `unstack`:
-  decode over unstacked layers (sliced once, outside the loop)."""
-  stepper = decoder.unstacked() if unstack else decoder
+def cached_decode(decoder: Decoder, cache_len: int, stepper: Decoder | None = None):
+  """`(prefill_fn, step_fn)` of `decode_loop` over a KV cache of `cache_len` positions: `decoder`
+  prefills, `stepper` (default `decoder`; e.g. its `unstacked()` form) decodes."""
+  stepper = stepper or decoder
   cfg = decoder.model.cfg
 
   def prefill_fn(prompt_bt, lengths_b):
@@ -269,7 +268,7 @@ def _generate(params, expert, prompt_bt, lengths_b, key, *, cfg, lora_scale, max
   b, t = prompt_bt.shape
   decoder = Decoder.of(bind(cfg, params, expert, lora_scale=lora_scale))
   if use_cache:
-    fns = cached_decode(decoder, t + max_new, unstack=unstack)
+    fns = cached_decode(decoder, t + max_new, decoder.unstacked() if unstack else decoder)
   else:
     fns = _recompute_decode(decoder, max_new, pad_id)
   stop = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)

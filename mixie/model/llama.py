@@ -138,18 +138,22 @@ class Llama(nnx.Module):
     return jnp.einsum("...d,dv->...v", h_xd, self.lm_head.kernel[...].astype(h_xd.dtype),
                       preferred_element_type=jnp.float32)
 
-  def unstacked(self) -> "Llama":
+  def unstacked(self, adapter_layer_axis: int = 0) -> "Llama":
     """The same model with `layers` as a list of per-layer blocks (a Python loop instead of a scan).
 
     Scanning over stacked layers makes XLA:CPU copy each layer's weights out of the stack before its
     matmuls; small-batch decoding only streams the weights, so that copy costs as much as the matmuls.
     Unstacked (sliced once, e.g. before a decode loop; one more copy of the layers meanwhile), the
     weights are separate buffers read in place. Compiles each layer separately.
+    `adapter_layer_axis`: the layer axis of the `LoRAParam`s (1 for experts stacked per row `[b, l, ...]`:
+    each layer's slice keeps its rows first, and no layer-major copy of the experts is made).
     """
     if isinstance(self.layers, nnx.List):
       return self
-    gdef, state = nnx.split(self.layers)
-    blocks = [nnx.merge(gdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(self.cfg.n_layers)]
+    gdef, adapters, base = nnx.split(self.layers, TRAINABLE, ...)
+    take = lambda tree, i, axis: jax.tree.map(lambda a: jax.lax.index_in_dim(a, i, axis, False), tree)  # noqa: E731
+    blocks = [nnx.merge(gdef, take(adapters, i, adapter_layer_axis), take(base, i, 0))
+              for i in range(self.cfg.n_layers)]
     new = nnx.merge(*nnx.split(self))
     new.layers = nnx.List(blocks)
     return new

@@ -111,7 +111,12 @@ def generate_rows(params, experts_b, weights_pg, tokens_bt, lengths_b, stop_ids_
     `(tokens_pn, n_p)`: generated ids `[p, max_new_tokens]` (the stop token included; -1 after it) and
     the number generated per prompt (up to and including the first stop token).
   """
-  model = bind(cfg, params, layer_major(experts_b), lora_scale=lora_scale)  # once, outside the loop
-  fns = cached_decode(Decoder.of(model, row_axis=1), tokens_bt.shape[1] + max_new_tokens, unstack=unstack)
+  # prefill: one scan over the layers, which reads layer-major experts without a transpose per layer;
+  # unstacked decoding slices each layer's experts out of the rows' own `[b, l, ...]` stacks instead
+  # (a per-layer slice of a layer-major copy made XLA transpose all layers once for every layer)
+  stacked = Decoder.of(bind(cfg, params, layer_major(experts_b), lora_scale=lora_scale), row_axis=1)
+  stepper = (Decoder.of(bind(cfg, params, experts_b, lora_scale=lora_scale), row_axis=0).unstacked()
+             if unstack else stacked)
+  fns = cached_decode(stacked, tokens_bt.shape[1] + max_new_tokens, stepper)
   return decode_loop(*fns, tokens_bt, lengths_b, weights_pg, stop_ids_s, key, max_new=max_new_tokens,
                      pad_id=-1, temperature=temperature, top_k=top_k, top_p=top_p)
