@@ -34,8 +34,8 @@ demo: $(STAMP_RUN)
 test: $(STAMP_TEST)
 	$(PY) -m pytest -q tests $(ARGS)
 
-bench: $(STAMP_TEST)
-	$(PY) bench/run_all.py
+bench: $(STAMP_TEST)  # every benchmark's CPU section (~10-20 min on 2 cores) -> bench/results/<date>.json
+	$(PY) bench/run_all.py $(ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -1,7 +1,7 @@
 """What the benchmarks' transformers / PEFT peers share: the `transformers.LlamaConfig` of a mixie
 `LlamaConfig`, and the PEFT target-module names of mixie's projections.
 
-Imported by the bench scripts (their directory is on `sys.path`); transformers and mixie.peft_io are
+Imported by the bench scripts (their directory is on `sys.path`); transformers and mixie.interop.peft are
 imported only when called, so a script that needs neither stays within what the GPU machine has.
 """
 
@@ -24,6 +24,6 @@ def hf_llama_config(cfg, **overrides):
 
 def peft_targets(targets) -> list[str]:
   """PEFT `target_modules` (e.g. "q_proj") of mixie projection names (e.g. "q")."""
-  from mixie.peft_io import HF_MODULE
+  from mixie.interop.peft import HF_MODULE
 
   return [HF_MODULE[p].split(".")[1] for p in targets]

@@ -16,7 +16,7 @@ Sections (`--sections`, default `serve,route`; `gpu` runs only where JAX and tor
   distribution. Recall is against the exact numpy search; `vote_agreement`: the kNN-voted topic.
 - gpu: TinyLlama-1.1B shape (random bf16 weights), rank 16, 32 rows x 512 prompt tokens, 32 different
   experts vs one expert, and PEFT mixed / one adapter on the same GPU. This section imports only jax,
-  torch, transformers, peft, numpy and mixie.model / mixie.serve.batched / mixie.peft_io (via
+  torch, transformers, peft, numpy and mixie.model / mixie.serve.batched / mixie.interop.peft (via
   bench/hf_peer.py).
 
 Every side is warmed up first (compilation excluded), then all sides are timed interleaved, rep by

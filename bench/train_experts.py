@@ -21,7 +21,7 @@ forward (2N) plus activation gradients (2N) per token. Attention per token and l
     python bench/train_experts.py --sections gpu [--slots 8,16]
 
 Imports only jax/flax/optax/numpy/torch/transformers/peft and mixie.model / mixie.train core /
-mixie.peft_io (etils and safetensors: orbax and transformers bring them), via bench/hf_peer.py.
+mixie.interop.peft (etils and safetensors: orbax and transformers bring them), via bench/hf_peer.py.
 """
 
 from __future__ import annotations

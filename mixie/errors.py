@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 
 class MixieError(Exception):
@@ -25,15 +25,20 @@ def check(cond: bool, msg: str, cls: type[MixieError] = MixieError) -> None:
     raise cls(msg)
 
 
+def exit_with_error(message: str) -> NoReturn:
+  """Prints `mixie: error: <message>` on stderr and exits with status 2 (what a user's error ends in)."""
+  print(f"mixie: error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
 def run_cli(main: Callable[..., int | None]) -> Callable[..., int | None]:
-  """Decorates a CLI main: a `MixieError` becomes `mixie: error: <message>` on stderr and exit code 2."""
+  """Decorates a CLI main: a `MixieError` ends as `exit_with_error(message)`."""
 
   @functools.wraps(main)
   def wrapped(*args, **kwargs):
     try:
       return main(*args, **kwargs)
     except MixieError as e:
-      print(f"mixie: error: {e}", file=sys.stderr, flush=True)
-      sys.exit(2)
+      exit_with_error(str(e))
 
   return wrapped

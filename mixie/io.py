@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from mixie.errors import MixieError
+
 PathLike = str | os.PathLike | epath.Path
 
 
@@ -44,8 +46,6 @@ def atomic_write_json(p: PathLike, obj: Any) -> None:
 
 def read_json(p: PathLike) -> Any:
   """Reads a JSON file, raising `MixieError` naming the file when it is missing or corrupt."""
-  from mixie.errors import MixieError
-
   p = path(p)
   if not p.exists():
     raise MixieError(f"{p}: file not found")
@@ -64,8 +64,6 @@ def save_arrays(p: PathLike, arrays: dict[str, np.ndarray]) -> None:
 
 def load_arrays(p: PathLike) -> dict[str, np.ndarray]:
   """Loads a `.npz` written by `save_arrays`; never unpickles. Raises `MixieError` when unreadable."""
-  from mixie.errors import MixieError
-
   p = path(p)
   if not p.exists():
     raise MixieError(f"{p}: file not found")
@@ -75,3 +73,18 @@ def load_arrays(p: PathLike) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
   except (ValueError, OSError, EOFError) as e:
     raise MixieError(f"{p}: corrupt or truncated array file ({e})") from None
+
+
+def json_safe(x: Any) -> Any:
+  """`x` made strict JSON: NaN -> None, +-inf -> "inf" / "-inf" (`float()` reads them back), numpy
+  scalars and arrays -> Python numbers and lists; dicts, lists and tuples recursively."""
+  if isinstance(x, dict):
+    return {str(k): json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple, np.ndarray)):
+    return [json_safe(v) for v in x]
+  if isinstance(x, (np.integer, np.bool_)):
+    return x.item()
+  if isinstance(x, (float, np.floating)):
+    x = float(x)
+    return None if x != x else ("inf" if x == float("inf") else "-inf" if x == float("-inf") else x)
+  return x

@@ -1,11 +1,12 @@
-"""Writes `topics.ipynb` and `experts.ipynb` (no outputs) from the cell sources below.
+"""Writes `topics.ipynb`, `experts.ipynb` and `sweep.ipynb` (no outputs) from the cell sources below.
 
-    python notebooks/make_notebooks.py           # rewrite both notebooks
+    python notebooks/make_notebooks.py           # rewrite the notebooks
     python notebooks/make_notebooks.py --check   # exit 1 if a committed notebook differs
 
-The notebooks hold no logic: every cell calls `mixie.analysis`. Edit the cells here, not in Jupyter, and
-commit the regenerated files. Each notebook opens with an install cell (does something only in Colab)
-and a parameters cell (tagged `parameters` for papermill; environment variables `MIXIE_WORKDIR` and
+The notebooks hold no logic: every cell calls `mixie.analysis` or the evaluation's own figures
+(`mixie.evaluate.plots`). Edit the cells here, not in Jupyter, and commit the regenerated files. Each
+notebook opens with an install cell (does something only in Colab) and a parameters cell (tagged
+`parameters` for papermill; environment variables `MIXIE_WORKDIR` (`MIXIE_SWEEP`, `MIXIE_SWEEP_NAME`) and
 `MIXIE_FIGDIR` override its defaults), which is how `tests/test_notebooks.py` runs them headless.
 """
 
@@ -41,9 +42,11 @@ if "google.colab" in sys.modules:
 
 SETUP = '''\
 %matplotlib inline
-from mixie import analysis
+from mixie import figures
+from mixie.analysis import loaders, plots, summaries
+from mixie.evaluate import plots as eval_plots
 
-FIGDIR = analysis.figure_dir(WORKDIR, FIGDIR)
+FIGDIR = figures.figure_dir(WORKDIR, FIGDIR)
 print(f"work directory: {WORKDIR}\\nfigures: {FIGDIR}")'''
 
 TOPICS = [
@@ -71,23 +74,23 @@ MAX_TOPICS = 12  # topics shown in the top-words figure (the largest)'''),
     ("code", SETUP),
     ("markdown", "## Topic sizes\nTraining documents per topic (held-out documents stacked on top)."),
     ("code", '''\
-topics = analysis.load_topics_data(WORKDIR)
-analysis.plot_topic_sizes(topics, save_dir=FIGDIR)'''),
+topics = loaders.load_topics_data(WORKDIR)
+plots.plot_topic_sizes(topics, save_dir=FIGDIR)'''),
     ("markdown", "## Map of the documents\nThe document embeddings in 2-D, coloured by topic; stars are the "
                  "topic centroids, crosses the held-out documents."),
-    ("code", "analysis.plot_topic_map(topics, method=MAP_METHOD, save_dir=FIGDIR)"),
+    ("code", "plots.plot_topic_map(topics, method=MAP_METHOD, save_dir=FIGDIR)"),
     ("markdown", "## What the topics are about\nThe words with the highest mean TF-IDF in each topic's "
                  "training documents, and the titles of the documents nearest each centroid."),
     ("code", '''\
-texts = analysis.load_texts(WORKDIR)
-terms = analysis.top_terms(topics, texts, n_terms=N_TERMS, n_titles=N_TITLES)
-print(analysis.format_top_terms(terms))'''),
-    ("code", "analysis.plot_top_terms(terms, max_topics=MAX_TOPICS, save_dir=FIGDIR)"),
+texts = loaders.load_texts(WORKDIR)
+terms = summaries.top_terms(topics, texts, n_terms=N_TERMS, n_titles=N_TITLES)
+print(summaries.format_top_terms(terms))'''),
+    ("code", "plots.plot_top_terms(terms, max_topics=MAX_TOPICS, save_dir=FIGDIR)"),
     ("markdown", "## Agreement with the reference labels\nNMI and ARI of the topics against the corpus's "
                  "labels on the training documents, and the topic x label contingency table."),
     ("code", '''\
-agreement = analysis.label_agreement(topics)
-analysis.plot_label_agreement(agreement, save_dir=FIGDIR)'''),
+agreement = summaries.label_agreement(topics)
+plots.plot_label_agreement(agreement, save_dir=FIGDIR)'''),
 ]
 
 EXPERTS = [
@@ -99,9 +102,10 @@ How the experts trained (`python -m mixie.train`) and what they are worth on hel
 experts and the oracle (each document's own topic's expert) per topic, how often the router picks the
 document's own expert, and how that depends on the routing prefix length P.
 
-Every cell calls `mixie.analysis`; the figures are also written as PNG files into `FIGDIR`. Without
-`eval/` in the work directory, perplexity comes from the trainer's table and the routes are computed
-here with the run's embedder and router."""),
+Every cell calls `mixie.analysis` or the evaluation's own figures (`mixie.evaluate.plots`, the ones
+`python -m mixie.evaluate` writes into `eval/`); the figures are also written as PNG files into
+`FIGDIR`. Without `eval/` in the work directory the perplexity figures say so, and the routes are
+computed here with the run's embedder and router."""),
     ("code", INSTALL),
     ("parameters", '''\
 import os
@@ -114,24 +118,77 @@ CURVES_X = "tokens"  # training curves against each expert's "tokens" or the run
     ("code", SETUP),
     ("markdown", "## Training curves\nLoss and learning rate of every expert (and of the baselines)."),
     ("code", '''\
-metrics = analysis.load_metrics(WORKDIR)
-analysis.plot_training_curves(metrics, x=CURVES_X, save_dir=FIGDIR)'''),
+metrics = loaders.load_metrics(WORKDIR)
+plots.plot_training_curves(metrics, x=CURVES_X, save_dir=FIGDIR)'''),
     ("markdown", "## Held-out perplexity per topic\nThe base, the baselines, the routed experts and the "
                  "oracle, scored on the tokens after the routing prefix."),
     ("code", '''\
-ppl = analysis.load_perplexity(WORKDIR)
-analysis.plot_perplexity(ppl, prefix=PREFIX, save_dir=FIGDIR)'''),
+ppl = loaders.load_perplexity(WORKDIR)
+eval_plots.plot_perplexity(ppl, prefix=PREFIX, save_dir=FIGDIR)'''),
     ("markdown", "## Routing confusion\nEach held-out document's own topic's expert against the expert the "
                  "router chose from the document's first P tokens."),
     ("code", '''\
-routes = analysis.load_routes(WORKDIR, prefix=PREFIX, mode=ROUTE_MODE)
-analysis.plot_routing_confusion(routes, save_dir=FIGDIR)'''),
+routes = loaders.load_routes(WORKDIR, prefix=PREFIX, mode=ROUTE_MODE)
+eval_plots.plot_routing_confusion(routes, save_dir=FIGDIR)'''),
     ("markdown", "## The routing prefix length\nPerplexity (relative to the base) and routing accuracy "
                  "against the number of tokens P the router sees."),
-    ("code", "analysis.plot_prefix_effect(ppl, save_dir=FIGDIR)"),
+    ("code", "eval_plots.plot_prefix_effect(ppl, save_dir=FIGDIR)"),
 ]
 
 NOTEBOOKS = {"topics.ipynb": TOPICS, "experts.ipynb": EXPERTS}
+
+
+def sweep_cells() -> list:
+  """The cells of `sweep.ipynb`: the combined table and plots of a sweep directory
+  (`mixie.analysis.sweeps`)."""
+  return [
+      ("markdown", """\
+# mixie: a sweep
+
+The combined table of a sweep (`python -m mixie.sweep --config=configs/sweeps/NAME.py`): held-out
+perplexity of every row (base, lora_all, lora_all_wide, full, the routed experts, oracle) at every
+point, with each row's training tokens and FLOPs, and the plots against training tokens, FLOPs, the
+swept setting (k, rank, ...) and the routing prefix P.
+
+Every cell calls `mixie.analysis`; the figures are also written as PNG files into `FIGDIR`.
+Headless: `MIXIE_SWEEP=... MIXIE_SWEEP_NAME=... MIXIE_FIGDIR=... jupyter nbconvert --execute ...`."""),
+      ("code", INSTALL),
+      ("parameters", '''\
+import os
+
+SWEEP_DIR = os.environ.get("MIXIE_SWEEP", "/tmp/mixie_sweeps/cpu")  # the sweep directory
+SWEEP_NAME = os.environ.get("MIXIE_SWEEP_NAME", "")  # the sweep's name ("" = the only one reported there)
+FIGDIR = os.environ.get("MIXIE_FIGDIR", "")  # where PNGs go; "" = <SWEEP_DIR>/figures
+PREFIX = None  # P of the plots against tokens, FLOPs and the setting; None = the sweep's choice'''),
+      ("code", '''\
+%matplotlib inline
+from mixie import figures
+from mixie.analysis import sweeps
+
+FIGDIR = figures.figure_dir(SWEEP_DIR, FIGDIR)
+table = sweeps.load_table(SWEEP_DIR, SWEEP_NAME)
+print(f"sweep {table['name']} in {SWEEP_DIR}: {len(table['points'])} points\\nfigures: {FIGDIR}")'''),
+      ("markdown", "## The table\nPerplexity per point, P and row, then every row with its training compute."),
+      ("code", "print(sweeps.markdown(table))"),
+      ("markdown", "## Perplexity against training compute\nOne line per row (and series); the base is the "
+                   "dashed line. Equal x means equal training tokens (or FLOPs)."),
+      ("code", "sweeps.plot_vs_compute(table, by=\"tokens\", prefix=PREFIX, save_dir=FIGDIR)"),
+      ("code", "sweeps.plot_vs_compute(table, by=\"flops\", prefix=PREFIX, save_dir=FIGDIR)"),
+      ("markdown", "## Perplexity against the swept setting\nk, rank, tokens per expert, ... (when the sweep "
+                   "varies one)."),
+      ("code", '''\
+setting = sweeps.swept_setting(table)
+sweeps.plot_vs_setting(table, setting, prefix=PREFIX, save_dir=FIGDIR) if setting else print("no setting varies")'''),
+      ("markdown", "## The routing prefix P\nPerplexity and routing accuracy against P (when evaluated at "
+                   "several P)."),
+      ("code", '''\
+if sweeps.several_prefixes(table):
+  display(sweeps.plot_vs_prefix(table, metric="ppl", save_dir=FIGDIR))
+  display(sweeps.plot_vs_prefix(table, metric="routing_accuracy", save_dir=FIGDIR))'''),
+  ]
+
+
+NOTEBOOKS["sweep.ipynb"] = sweep_cells()
 
 
 def build(cells, stem: str) -> nbformat.NotebookNode:

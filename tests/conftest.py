@@ -58,3 +58,56 @@ def tiny_run(tmp_path_factory):
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"{stage} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
   return {"workdir": workdir, "hf": hf, "overrides": over}
+
+
+# --- a tiny two-point sweep, killed between its points and resumed (sweep, compute and notebook tests) --
+
+import hashlib  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+
+
+def file_snapshot(root: Path) -> dict:
+  """`{relative path: (mtime_ns, sha256)}` of every regular file under `root` (links not followed)."""
+  out = {}
+  for d, _, files in os.walk(root, followlinks=False):
+    for name in files:
+      p = Path(d) / name
+      if not p.is_symlink():
+        out[str(p.relative_to(root))] = (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+  return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory):
+  """`python -m mixie.sweep --config=configs/sweeps/tiny.py` (points `scratch`, then `seed`) on a tiny
+  random HF Llama, SIGKILLed as soon as its first point is done, then run again to the end.
+
+  Returns `{"dir": sweep dir, "hf": the base, "killed_output", "resumed_output", "before": snapshot of
+  points/scratch and shared/ right after the kill, "after": the same after the resume}`.
+  """
+  tmp = tmp_path_factory.mktemp("tiny_sweep")
+  hf = write_tiny_hf_llama(tmp / "hf")
+  sd = tmp / "sweep"
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device in the subprocesses
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  cmd = [sys.executable, "-m", "mixie.sweep", "--config=configs/sweeps/tiny.py", f"--workdir={sd}",
+         f"--config.base.model.path={hf}"]
+  p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  t0 = time.time()
+  while p.poll() is None and not (sd / "points" / "scratch" / "done.json").exists():
+    assert time.time() - t0 < 900, "the first point did not finish in time"
+    time.sleep(0.05)
+  assert p.poll() is None, "the sweep ended before it could be killed:\n" + p.stdout.read()
+  p.send_signal(signal.SIGKILL)
+  killed, _ = p.communicate(timeout=60)
+  snap = lambda: {**{f"points/scratch/{k}": v for k, v in file_snapshot(sd / "points" / "scratch").items()},
+                  **{f"shared/{k}": v for k, v in file_snapshot(sd / "shared").items()
+                     if k.startswith("data-")}}
+  before = snap()
+  r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, f"the resumed sweep failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+  return {"dir": sd, "hf": hf, "killed_output": killed, "resumed_output": r.stdout + r.stderr,
+          "before": before, "after": snap()}

@@ -1,5 +1,5 @@
-"""Shared helpers of the tests over a work directory: random host pytrees, the tiny tf-idf run config
-and a tiny random Llama in HF format."""
+"""Shared helpers of the tests over a work directory: random host pytrees, a random base with the shipped
+tokenizer, the tiny tf-idf run config and a tiny random Llama in HF format."""
 
 from __future__ import annotations
 
@@ -11,12 +11,42 @@ import numpy as np
 from configs.common import base_config
 
 
+class NumberTokenizer:
+  """Ids <-> space-separated numbers (a stand-in tokenizer with the interface the server uses)."""
+
+  eos_ids = (0,)
+
+  def encode(self, text):
+    """Token ids of "3 1 4" -> [3, 1, 4]."""
+    return [int(w) for w in text.split()]
+
+  def decode(self, ids):
+    """[3, 1, 4] -> "3 1 4"."""
+    return " ".join(str(i) for i in ids)
+
+
 def random_tree(shapes, rng, scale, ones=()):
   """Arrays of `shapes` (a nested dict of shape tuples) drawn on the host, no compile; leaves named in
   `ones` are 1."""
   return {k: random_tree(v, rng, scale, ones) if isinstance(v, dict) else
           (np.ones(v, np.float32) if k in ones else (scale * rng.normal(size=v)).astype(np.float32))
           for k, v in shapes.items()}
+
+
+def random_base(cfg, rng, scale=0.05):
+  """A random base of `cfg` on device (norms 1), the shipped SmolLM2 tokenizer, and the base's
+  fingerprint."""
+  import jax
+  import jax.numpy as jnp
+
+  from mixie import assets
+  from mixie.model.checkpoint import fingerprint
+  from mixie.model.llama import param_shapes
+  from mixie.model.tokenizer import Tokenizer
+
+  params = jax.tree.map(jnp.asarray, random_tree(param_shapes(cfg), rng, scale,
+                                                  ones=("attn_norm", "mlp_norm", "final_norm")))
+  return params, Tokenizer.from_gguf(assets.smollm2_gguf()), fingerprint(cfg, params)
 
 
 def tfidf_run_config(workdir):

@@ -1,7 +1,7 @@
-"""`mixie.analysis`: loaders agree with what the stages wrote and with independent computations
-(scikit-learn, the expert store, the evaluator's own accuracy), routes computed here equal the
-evaluator's, summaries find planted structure, and every figure is drawn (also for many topics and for
-missing inputs)."""
+"""`mixie.analysis` (and the evaluation's figures, `mixie.evaluate.plots`): loaders agree with what the
+stages wrote and with independent computations (scikit-learn, the expert store, the evaluator's own
+accuracy), routes computed here equal the evaluator's, summaries find planted structure, and every
+figure is drawn (also for many topics and for missing inputs)."""
 
 import ast
 import json
@@ -9,9 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from mixie import analysis as A
+from mixie import figures
 from mixie import io as mio
+from mixie.analysis import loaders, plots, summaries
 from mixie.errors import MixieError
+from mixie.evaluate import plots as eval_plots
 from mixie.store import ExpertStore
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -35,11 +37,11 @@ def test_topics_and_label_agreement_match_the_cluster_stage(tiny_run):
   from sklearn.metrics.cluster import contingency_matrix
 
   wd = tiny_run["workdir"]
-  t = A.load_topics_data(wd)
+  t = loaders.load_topics_data(wd)
   assert t["num_topics"] == 4 and t["emb_nd"].shape[0] == t["doc_ids"].shape[0] == t["topic_n"].shape[0]
   train = ~t["heldout_n"]
   np.testing.assert_array_equal(np.bincount(t["topic_n"][train], minlength=4), t["sizes_k"])
-  ag = A.label_agreement(t)
+  ag = summaries.label_agreement(t)
   q = mio.read_json(wd / "topics" / "quality.json")
   assert ag["nmi"] == pytest.approx(q["nmi"], abs=1e-12) and ag["ari"] == pytest.approx(q["ari"], abs=1e-12)
   assert ag["n"] == int(train.sum())
@@ -52,8 +54,8 @@ def test_topics_and_label_agreement_match_the_cluster_stage(tiny_run):
 def test_texts_are_the_documents_of_the_topics(tiny_run):
   from mixie.data.corpus import doc_id, normalize_text
 
-  t = A.load_topics_data(tiny_run["workdir"])
-  tx = A.load_texts(tiny_run["workdir"])
+  t = loaders.load_topics_data(tiny_run["workdir"])
+  tx = loaders.load_texts(tiny_run["workdir"])
   assert len(tx["texts"]) == len(tx["titles"]) == t["doc_ids"].size
   assert [doc_id(normalize_text(s)) for s in tx["texts"]] == t["doc_ids"].tolist()  # ids are text hashes
   assert all(tx["titles"])
@@ -80,12 +82,12 @@ def _planted():
 
 def test_top_terms_find_planted_words_and_titles_nearest_the_centroid():
   topics, texts, planted = _planted()
-  terms = A.top_terms(topics, texts, n_terms=3, n_titles=2)
+  terms = summaries.top_terms(topics, texts, n_terms=3, n_titles=2)
   for k in (0, 1):
     assert {w for w, _ in terms[k]["terms"]} == set(planted[k])
     assert terms[k]["titles"] == [f"doc{k}", f"doc{2 + k}"]  # the least drifted documents
     assert terms[k]["size"] == 40
-  assert "volcano" in A.format_top_terms(terms)
+  assert "volcano" in summaries.format_top_terms(terms)
 
 
 # --- training curves ------------------------------------------------------------------------------------
@@ -93,7 +95,7 @@ def test_top_terms_find_planted_words_and_titles_nearest_the_centroid():
 
 def test_training_curves_match_metrics_jsonl_and_the_store(tiny_run):
   wd = tiny_run["workdir"]
-  m = A.load_metrics(wd)
+  m = loaders.load_metrics(wd)
   assert list(m) == ["experts"]
   lines = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
   store = ExpertStore(wd / "experts")
@@ -103,46 +105,31 @@ def test_training_curves_match_metrics_jsonl_and_the_store(tiny_run):
     np.testing.assert_array_equal(c["step"], [s for s, _ in recs])
     np.testing.assert_array_equal(c["loss"], [e["loss"] for _, e in recs])
     meta = store.meta(topic)
-    assert c["tokens"][-1] == meta["tokens_seen"] and c["loss"][-1] == pytest.approx(meta["final_loss"])
+    assert c["tokens"][-1] == meta.tokens_seen and c["loss"][-1] == pytest.approx(meta.final_loss)
 
 
 def test_metrics_skip_a_line_cut_by_a_kill(tmp_path):
   rec = {"mode": "lora_all", "step": 1, "experts": [{"topic": 0, "loss": 2.0, "tokens": 8, "lr": 0.1}]}
   (tmp_path / "metrics.jsonl").write_text(json.dumps(rec) + "\n" + json.dumps({**rec, "step": 2})[:20])
-  m = A.load_metrics(tmp_path)
+  m = loaders.load_metrics(tmp_path)
   assert list(m) == ["lora_all"] and m["lora_all"][0]["step"].tolist() == [1]
-  assert A.load_metrics(tmp_path / "nothing") is None
+  assert loaders.load_metrics(tmp_path / "nothing") is None
 
 
 # --- perplexity and routes ------------------------------------------------------------------------------
 
 
-def test_perplexity_tables_are_results_json(tiny_run):
+def test_perplexity_tables_are_results_json_and_drawn_as_the_evaluation_drew_them(tiny_run, tmp_path):
   wd = tiny_run["workdir"]
-  ppl = A.load_perplexity(wd)
+  ppl = loaders.load_perplexity(wd)
   res = mio.read_json(wd / "eval" / "results.json")
-  assert ppl["prefix_tokens"] == [4, 8] and ppl["rows"] == res["rows"]
-  assert ppl["routed"] == ["centroid", "knn", "topk"] and "oracle" in ppl["rows"]
-  for p in ("4", "8"):
-    assert ppl["by_prefix"][p]["ppl"] == res["by_prefix"][p]["ppl"]
-    assert ppl["by_prefix"][p]["ppl_per_topic"] == res["by_prefix"][p]["ppl_per_topic"]
-
-
-def test_perplexity_falls_back_to_the_trainers_table(tmp_path):
-  table = {"columns": ["base", "lora_all", "experts_oracle"], "docs": 3, "tokens": 30,
-           "overall": {"base": 9.0, "lora_all": 8.0, "experts_oracle": 7.0},
-           "per_topic": {"0": {"docs": 2, "tokens": 20, "base": 9.5, "lora_all": 8.5, "experts_oracle": 7.5},
-                         "1": {"docs": 1, "tokens": 10, "base": 8.0, "lora_all": 7.0, "experts_oracle": 6.0}}}
-  mio.atomic_write_json(tmp_path / "eval_train.json", table)
-  ppl = A.load_perplexity(tmp_path)
-  assert ppl["prefix_tokens"] == [0] and ppl["rows"] == ["base", "lora_all", "oracle"] and ppl["routed"] == []
-  tab = ppl["by_prefix"]["0"]
-  assert tab["ppl"]["oracle"] == 7.0 and tab["ppl_per_topic"]["oracle"] == {"0": 7.5, "1": 6.0}
-  assert tab["docs_per_topic"] == {"0": 2, "1": 1}
-  assert A.load_perplexity(tmp_path / "nothing") is None
-  A.plot_perplexity(ppl, save_dir=tmp_path / "f")
-  A.plot_prefix_effect(ppl, save_dir=tmp_path / "f")  # a message: no prefix-routed evaluation
-  assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["perplexity.png", "prefix_effect.png"]
+  assert ppl == {**res, "source": str(wd / "eval" / "results.json")} and ppl["prefix_tokens"] == [4, 8]
+  assert eval_plots.routed_rows(ppl) == ["centroid", "knn", "topk"] and "oracle" in ppl["rows"]
+  assert loaders.load_perplexity(tmp_path / "nothing") is None
+  eval_plots.plot_perplexity(ppl, save_dir=tmp_path)  # the notebook's figure is the evaluation's file
+  eval_plots.plot_prefix_effect(ppl, save_dir=tmp_path)
+  for name in ("perplexity.png", "prefix_effect.png"):
+    assert (tmp_path / name).read_bytes() == (wd / "eval" / name).read_bytes()
 
 
 def test_routes_equal_the_evaluators_and_computed_ones(tiny_run):
@@ -150,22 +137,22 @@ def test_routes_equal_the_evaluators_and_computed_ones(tiny_run):
   res = mio.read_json(wd / "eval" / "results.json")
   for p in (4, 8):
     for mode in ("centroid", "knn", "topk"):
-      r = A.load_routes(wd, prefix=p, mode=mode)
+      r = loaders.load_routes(wd, prefix=p, mode=mode)
       assert r["source"].endswith("per_doc.npz")
-      c = A.routing_confusion(r)
+      c = eval_plots.routing_confusion(r)
       assert c["accuracy"] == pytest.approx(res["by_prefix"][str(p)]["routing_accuracy"][mode], abs=1e-12)
       assert c["counts_oo"].sum() == res["docs"]
       assert np.trace(c["counts_oo"]) == round(c["accuracy"] * res["docs"])
   # the same routes computed here, from the work directory (min tokens P + 1 = 9: the evaluator's set)
   config = _run_config(tiny_run)
   for mode in ("centroid", "knn"):
-    ev = A.load_routes(wd, prefix=8, mode=mode)
-    mine = A.compute_routes(wd, prefix=8, mode=mode, config=config)
+    ev = loaders.load_routes(wd, prefix=8, mode=mode)
+    mine = loaders.compute_routes(wd, prefix=8, mode=mode, config=config)
     assert mine["doc_ids"].tolist() == ev["doc_ids"].tolist()
     np.testing.assert_array_equal(mine["own_n"], ev["own_n"])
     np.testing.assert_array_equal(mine["routed_n"], ev["routed_n"])
   with pytest.raises(MixieError, match="prefix 5 was not evaluated"):
-    A.load_routes(wd, prefix=5)
+    loaders.load_routes(wd, prefix=5)
 
 
 def test_routes_are_computed_when_there_is_no_evaluation(tiny_run, tmp_path):
@@ -174,11 +161,11 @@ def test_routes_are_computed_when_there_is_no_evaluation(tiny_run, tmp_path):
   wd = tmp_path / "w"
   for sub in ("topics", "dataset", "experts"):
     shutil.copytree(tiny_run["workdir"] / sub, wd / sub)
-  assert A.load_routes(wd, compute_missing=False) is None
+  assert loaders.load_routes(wd, compute_missing=False) is None
   config = _run_config(tiny_run)
   config.route.route_tokens = 8
-  r = A.load_routes(wd, mode="centroid", config=config)
-  ev = A.load_routes(tiny_run["workdir"], prefix=8, mode="centroid")
+  r = loaders.load_routes(wd, mode="centroid", config=config)
+  ev = loaders.load_routes(tiny_run["workdir"], prefix=8, mode="centroid")
   assert r["source"] == "computed" and r["prefix"] == 8
   np.testing.assert_array_equal(r["routed_n"], ev["routed_n"])
 
@@ -198,36 +185,36 @@ def _many_topics(K=50, L=6, n=3000):
 def test_every_figure_is_drawn_and_saved_for_many_topics_and_missing_inputs(tmp_path):
   t = _many_topics()
   out = tmp_path / "figs"
-  A.plot_topic_sizes(t, save_dir=out)
-  A.plot_topic_map(t, max_points=500, save_dir=out)
-  A.plot_label_agreement(A.label_agreement(t), save_dir=out)
+  plots.plot_topic_sizes(t, save_dir=out)
+  plots.plot_topic_map(t, max_points=500, save_dir=out)
+  plots.plot_label_agreement(summaries.label_agreement(t), save_dir=out)
   terms = [{"topic": k, "size": int(t["sizes_k"][k]), "terms": [("w", 0.1)], "titles": ["a title"]}
            for k in range(t["num_topics"])]
-  A.plot_top_terms(terms, save_dir=out)
+  plots.plot_top_terms(terms, save_dir=out)
   curves = {"experts": {k: {"step": np.arange(5), "tokens": 64 * np.arange(1, 6),
                             "loss": np.linspace(3, 2, 5), "lr": np.full(5, 1e-3), "grad_norm": np.ones(5)}
                         for k in range(30)}}
-  A.plot_training_curves(curves, save_dir=out)
+  plots.plot_training_curves(curves, save_dir=out)
   rng = np.random.default_rng(2)
   own = rng.integers(-1, 50, 400)
   routes = {"prefix": 32, "mode": "centroid", "own_n": own,
             "routed_n": np.where(rng.random(400) < 0.7, own, rng.integers(0, 50, 400))}
-  A.plot_routing_confusion(routes, save_dir=out)
-  assert sorted(p.name for p in out.iterdir()) == sorted(
-      f"{v}.png" for k, v in A.FIGURE_NAMES.items() if k not in ("plot_perplexity", "plot_prefix_effect"))
+  eval_plots.plot_routing_confusion(routes, save_dir=out)
+  drawn = [k for k in figures.FIGURE_NAMES if k not in ("plot_perplexity", "plot_prefix_effect")]
+  assert sorted(p.name for p in out.iterdir()) == sorted(f"{figures.FIGURE_NAMES[k]}.png" for k in drawn)
   for p in out.iterdir():
     assert p.read_bytes().startswith(PNG_MAGIC)
   # a missing input draws a message instead of failing
   empty = tmp_path / "empty"
-  for f in (A.plot_label_agreement, A.plot_training_curves, A.plot_perplexity, A.plot_routing_confusion,
-            A.plot_prefix_effect):
+  for f in (plots.plot_label_agreement, plots.plot_training_curves, eval_plots.plot_perplexity,
+            eval_plots.plot_routing_confusion, eval_plots.plot_prefix_effect):
     f(None, save_dir=empty)
   assert len(list(empty.iterdir())) == 5
-  assert A.figure_dir("gs://b/w/") == "gs://b/w/figures" and A.figure_dir("w", "f") == "f"
+  assert figures.figure_dir("gs://b/w/") == "gs://b/w/figures" and figures.figure_dir("w", "f") == "f"
 
 
 def test_missing_topics_is_one_clear_error(tmp_path):
   with pytest.raises(MixieError, match="no complete topics"):
-    A.load_topics_data(tmp_path)
+    loaders.load_topics_data(tmp_path)
   with pytest.raises(MixieError, match="method must be 'pca' or 'umap'"):
-    A.project_2d(np.zeros((3, 2)), "tsne")
+    summaries.project_2d(np.zeros((3, 2)), "tsne")

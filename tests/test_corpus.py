@@ -47,7 +47,8 @@ def _messy_lines():
 
 def test_jsonl_filtering_is_counted(tmp_path):
   _write_jsonl(tmp_path / "a.jsonl", _messy_lines())
-  c = corpus_lib.load_corpus(_cfg(source="jsonl", path=str(tmp_path / "a.jsonl"), label_field="label"))
+  c = corpus_lib.load_corpus(_cfg(source="jsonl", path=str(tmp_path / "a.jsonl"), label_field="label",
+                                  max_bad_fraction=1.0))
   assert c.texts == GOOD
   s = c.stats
   assert (s["read"], s["kept"], s["empty"], s["duplicate"], s["non_utf8"], s["malformed"],
@@ -95,10 +96,42 @@ def test_text_dir_non_utf8_and_empty_files(tmp_path):
   (tmp_path / "c.txt").write_text("  \n ")
   (tmp_path / "d.txt").write_text("Alpha document.\n")
   (tmp_path / "e.md").write_text("not a .txt file")
-  c = corpus_lib.load_corpus(_cfg(source="text", path=str(tmp_path), heldout_fraction=0.0))
+  c = corpus_lib.load_corpus(_cfg(source="text", path=str(tmp_path), heldout_fraction=0.0,
+                                  max_bad_fraction=1.0))
   assert c.texts == ["Alpha document."] and c.titles == ["a.txt"]
   assert (c.stats["read"], c.stats["non_utf8"], c.stats["empty"], c.stats["duplicate"]) == (4, 1, 1, 1)
   assert not c.heldout.any()
+
+
+def test_bad_records_are_reported_and_too_many_refused(tmp_path):
+  """Counts by cause and the first bad line in the report; past data.max_bad_fraction, one message
+  naming the first bad line's file and line number."""
+  lines = [{"text": t} for t in GOOD[:30]] + [{"text": GOOD[0]}]  # line 31: a duplicate (not bad)
+  lines += [b'{"text": "unterminated', {"body": "no text"}, {"text": "  "}]  # lines 32, 33, 34
+  _write_jsonl(tmp_path / "a.jsonl", lines)
+  f = tmp_path / "a.jsonl"
+  # 3 bad of 34 read = 8.8%: accepted at 0.1, refused at the default 0.01 and at 0.08
+  c = corpus_lib.load_corpus(_cfg(source="jsonl", path=str(f), heldout_fraction=0.0, max_bad_fraction=0.1))
+  assert len(c) == 30 and c.stats["first_bad"] == {"where": f"{f}:32", "cause": "malformed"}
+  assert corpus_lib.corpus_report(_cfg(source="jsonl", path=str(f)), c.stats) == (
+      f"data.path={str(f)!r} (jsonl): 34 records read, 30 kept (0 held out), 4 dropped: "
+      f"1 empty text, 1 exact duplicate, 1 bad JSON or non-string text, 1 no text field; the first is "
+      f"{f}:32 (bad JSON or non-string text)")
+  for frac in (None, 0.08):
+    cfg = _cfg(source="jsonl", path=str(f)) if frac is None else _cfg(source="jsonl", path=str(f),
+                                                                       max_bad_fraction=frac)
+    with pytest.raises(MixieError) as e:
+      corpus_lib.load_corpus(cfg)
+    assert str(e.value) == (
+        f"data.path={str(f)!r} (jsonl): 3 of 34 records are unusable (1 empty text, 1 bad JSON or "
+        f"non-string text, 1 no text field), more than data.max_bad_fraction={cfg.max_bad_fraction:g} "
+        f"of them; the first is {f}:32 (bad JSON or non-string text). Fix or remove those records, "
+        "or raise data.max_bad_fraction")
+  good = corpus_lib.load_corpus(_cfg(source="wiki_summaries", max_docs=50))
+  assert corpus_lib.corpus_report(_cfg(), good.stats) == (
+      f"the shipped Wikipedia summaries: 50 records read, 50 kept ({good.stats['heldout']} held out, stopped at data.max_docs), none dropped")
+  with pytest.raises(ConfigError, match="data.max_bad_fraction=1.5"):
+    corpus_lib.load_corpus(_cfg(max_bad_fraction=1.5))
 
 
 def test_wiki_summaries_split_and_max_docs():
@@ -151,7 +184,7 @@ def test_tfds_source(tmp_path):
   MixieTinyText(data_dir=str(tmp_path), file_format="array_record").download_and_prepare(
       download_dir=str(tmp_path / "dl"))
   cfg = _cfg(source="tfds", path="mixie_tiny_text", data_dir=str(tmp_path), label_field="label",
-             heldout_fraction=0.0)
+             heldout_fraction=0.0, max_bad_fraction=0.05)  # 1 of 22 records is empty
   c = corpus_lib.load_corpus(cfg)
   assert sorted(c.texts) == sorted(GOOD[:20])  # TFDS shuffles record order
   assert (c.stats["empty"], c.stats["duplicate"]) == (1, 1)
@@ -171,7 +204,8 @@ def test_bad_input_gives_one_clear_message(tmp_path):
   with pytest.raises(ConfigError, match="recursive"):
     corpus_lib.load_corpus(_cfg(source="jsonl", path=str(tmp_path / "**" / "*.jsonl")))
   _write_jsonl(tmp_path / "e.jsonl", [{"text": " "}, {"text": ""}, {"other": "x"}])
-  with pytest.raises(MixieError, match=r"empty corpus.*3 read; dropped empty=2, missing_text=1"):
+  with pytest.raises(MixieError, match=r"empty corpus.*3 read; dropped empty=2, missing_text=1\); the first "
+                                      r"is .*e.jsonl:1 \(empty text\)"):
     corpus_lib.load_corpus(_cfg(source="jsonl", path=str(tmp_path / "e.jsonl")))
   with pytest.raises(ConfigError, match="data.source"):
     corpus_lib.load_corpus(_cfg(source="csv", path="x"))

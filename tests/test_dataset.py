@@ -42,12 +42,15 @@ def wiki_small():
   return corpus_lib.load_corpus(cfg)
 
 
-def test_round_trip_wiki_documents_come_back_identical(tmp_path, wiki_small):
+def test_round_trip_wiki_documents_come_back_identical(tmp_path, wiki_small, capfd):
   c = wiki_small
   topic_n = c.label_ids()[0] % 5  # any topic per document will do
   tok = ByteTokenizer()
+  capfd.readouterr()
   m = ds_lib.build_dataset(tmp_path, c, topic_n, tok, num_topics=5, batch=17,
                            metadata={"tokenizer": "bytes"})
+  assert capfd.readouterr() == ("", "")  # tfds's "Downloading and preparing..." and its bars stay quiet
+  assert ds_lib._tfds().core.utils.tqdm_utils._active  # and tfds's own setting is back as it was
   assert ds_lib.dataset_status(tmp_path) == "complete" and m["metadata"] == {"tokenizer": "bytes"}
   for split, rows in (("train", c.train_indices()), ("heldout", c.heldout_indices())):
     src = ds_lib.open_dataset(tmp_path, split)

@@ -13,15 +13,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mixie import figures
 from mixie import io as mio
 from mixie.errors import ConfigError, MixieError
+from mixie.evaluate import plots
 from mixie.evaluate import run as R
 from mixie.evaluate.ppl import mixture_scores, pair_logprobs, row_sharding_of
 from mixie.model.checkpoint import fingerprint
-from mixie.model.llama import LlamaConfig, forward, param_shapes
+from mixie.model.llama import LlamaConfig, forward
 from mixie.model.lora import LoraConfig, expert_shapes
-from mixie.store import ExpertStore, save_tree
-from run_utils import random_tree, tfidf_run_config
+from mixie.route.run import build_routers
+from mixie.store import ExpertMeta, ExpertStore, save_tree
+from run_utils import random_base, random_tree, tfidf_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = LlamaConfig(vocab_size=49152, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -43,23 +46,18 @@ def run(tmp_path_factory):
   """A workdir with real topics (tf-idf) and dataset, random experts for topics 0 and 1, an all-data
   LoRA and a 'full' base; evaluated once."""
   from mixie.cluster.topics import run_cluster
-  from mixie.model.tokenizer import Tokenizer
-  from mixie import assets
 
   wd = tmp_path_factory.mktemp("eval") / "w"
   config = _config(wd)
   run_cluster(config, log=lambda *_: None)
   rng = np.random.default_rng(0)
-  params = jax.tree.map(jnp.asarray, random_tree(param_shapes(CFG), rng, 0.05,
-                                                  ones=("attn_norm", "mlp_norm", "final_norm")))
-  tok = Tokenizer.from_gguf(assets.smollm2_gguf())
-  fp = fingerprint(CFG, params)
-  meta = {"rank": LORA.rank, "alpha": LORA.alpha, "targets": list(LORA.targets), "base_fingerprint": fp}
+  params, tok, fp = random_base(CFG, rng)
+  meta = ExpertMeta.new(LORA, fp)
   experts = {t: random_tree(expert_shapes(CFG, LORA), rng, 0.3) for t in WITH_EXPERT}
   for t, e in experts.items():
     ExpertStore(wd / "experts").write(t, e, meta)
   lora_all = random_tree(expert_shapes(CFG, LORA), rng, 0.3)
-  ExpertStore(wd / "lora_all").write(0, lora_all, {**meta, "kind": "lora_all"})
+  ExpertStore(wd / "lora_all").write(0, lora_all, ExpertMeta.new(LORA, fp, kind="lora_all"))
   full = jax.tree.map(lambda x: np.asarray(x) * (1 + 0.1 * rng.normal(size=x.shape)).astype(np.float32),
                       params)
   save_tree(wd / "full" / "params.safetensors", full)
@@ -88,7 +86,7 @@ def test_route_depends_on_the_first_P_tokens_only(run):
 
   config, tok = run["config"], run["tok"]
   store = ExpertStore(run["wd"] / "experts")
-  routers = R.make_routers(config, store, R.ROUTED_MODES)
+  routers = build_routers(config, store, R.ROUTED_MODES)
   emb = load_embedder(topics_dir(config.workdir) / "embedder")
   held = _heldout(config)
   own = expert_of_topic(store, load_topics(config.workdir).num_topics)[held.topic_n]
@@ -208,7 +206,7 @@ def test_topk_with_one_expert_equals_centroid(run, tmp_path):
 
 
 def test_imported_expert_is_routed_to_and_scored_with_its_own_weights(run, tmp_path):
-  """An expert beyond the clustered topics (as `mixie.import` writes) gets a router row and is scored
+  """An expert beyond the clustered topics (as `mixie.experts import` writes) gets a router row and is scored
   with its own weights (the all-data LoRA's key used to be K, the first imported expert's id)."""
   from mixie.cluster.embed import load_embedder
   from mixie.cluster.topics import load_topics, topics_dir
@@ -225,9 +223,8 @@ def test_imported_expert_is_routed_to_and_scored_with_its_own_weights(run, tmp_p
   q = q_nd[d]
   expert = random_tree(expert_shapes(CFG, LORA), np.random.default_rng(7), 0.3)
   store = ExpertStore(wd / "experts")
-  store.write(K, expert, {"rank": LORA.rank, "alpha": LORA.alpha, "targets": list(LORA.targets),
-                          "base_fingerprint": fingerprint(CFG, run["params"]), "centroid": q.tolist()})
-  router = R.make_routers(c, store, ("centroid",))["centroid"]
+  store.write(K, expert, ExpertMeta.new(LORA, fingerprint(CFG, run["params"]), centroid=q.tolist()))
+  router = build_routers(c, store, ("centroid",))["centroid"]
   assert router.n_topics == K + 1 and router.expert_of_topic[-1] == K
   res = R.evaluate(c, loaded=(CFG, run["params"], tok), log=lambda *_: None)
   pd = mio.load_arrays(wd / "eval" / "per_doc.npz")
@@ -305,7 +302,9 @@ def test_pair_logprobs_on_a_mesh_and_through_cache_evictions(run):
 
 def test_outputs_written(run):
   d = run["wd"] / "eval"
-  assert sorted(p.name for p in d.iterdir()) == ["per_doc.npz", "ppl.png", "results.json"]  # no temp files
+  assert sorted(p.name for p in d.iterdir()) == ["coverage.json", "coverage.png", "per_doc.npz",
+                                                  "perplexity.png", "prefix_effect.png",
+                                                  "results.json"]  # no temp files
   res = json.loads((d / "results.json").read_text())
   assert res == json.loads(json.dumps(run["res"]))
   assert res["prefix_tokens"] == [8, 16] and res["docs"] + res["docs_too_short"] <= 14
@@ -315,8 +314,10 @@ def test_outputs_written(run):
     assert set(tab["ppl_per_topic"]["base"]) == {"0", "1", "2"}
     assert sum(tab["tokens_per_topic"].values()) == tab["tokens"] > 0
   assert res["by_prefix"]["8"]["tokens"] > res["by_prefix"]["16"]["tokens"]
-  png = (d / "ppl.png").read_bytes()
-  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+  for name in ("perplexity", "prefix_effect"):  # the figures the notebooks draw (mixie.evaluate.plots)
+    png = (d / f"{name}.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert png == figures.png_bytes(getattr(plots, f"plot_{name}")(res))
   text = R.format_table(res)
   assert "P=8" in text and "P=16" in text and "oracle" in text and "held-out perplexity" in text
 

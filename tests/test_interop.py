@@ -14,16 +14,17 @@ import pytest
 import safetensors.numpy
 
 from configs.common import base_config
-from mixie import interop
 from mixie.cluster.embed import TfidfEmbedder, load_embedder
 from mixie.errors import MixieError
+from mixie.interop import export as interop_export
+from mixie.interop import importer
+from mixie.interop.peft import write_adapter
 from mixie.model.checkpoint import fingerprint, load_hf
 from mixie.model.llama import forward
 from mixie.model.lora import LoraConfig, expert_shapes
-from mixie.peft_io import write_adapter
-from mixie.route.run import load_router
+from mixie.route.run import build_router, load_router
 from mixie.route.search import l2_normalize
-from mixie.store import ExpertStore
+from mixie.store import ExpertMeta, ExpertStore
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -98,10 +99,9 @@ def run(tmp_path_factory):
   store = ExpertStore(wd / "experts")
   experts = {t: _trained_expert(cfg, t) for t in range(3)}
   for t, e in experts.items():
-    store.write(t, e, {"tokens_seen": 1000 + t, "final_loss": 2.5 - t / 10, "rank": LORA.rank,
-                       "alpha": LORA.alpha, "targets": list(LORA.targets), "base_fingerprint": fp,
-                       "mode": "experts", "steps": 7, "kind": "expert", "centroid": cents[t].tolist(),
-                       "topic_tokens": 4000, "budget": 1024, "merged_topics": [3] if t == 0 else []})
+    store.write(t, e, ExpertMeta.new(LORA, fp, tokens_seen=1000 + t, final_loss=2.5 - t / 10, mode="experts",
+                                     steps=7, kind="expert", centroid=cents[t].tolist(), topic_tokens=4000,
+                                     budget=1024, merged_topics=[3] if t == 0 else []))
   return dict(tmp=tmp, hf=tmp / "hf", cfg=cfg, base=base, fp=fp, wd=wd, config=_config(wd, tmp / "hf"),
               experts=experts, store=store, embedder=emb)
 
@@ -109,7 +109,7 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(run):
   out = run["tmp"] / "export"
-  spec = interop.export_run(run["config"], out, topics=[0, 2], log=lambda *_: None)
+  spec = interop_export.export_run(run["config"], out, topics=[0, 2], log=lambda *_: None)
   return out, spec
 
 
@@ -157,12 +157,12 @@ def test_exported_experts_load_in_peft_and_match_logits(run, exported):
 
 def test_exported_router_reads_back_and_routes_like_the_run(run, exported):
   out, spec = exported
-  router, spec2 = interop.load_exported_router(out)
+  router, spec2 = interop_export.load_exported_router(out)
   assert spec2 == spec
   r = spec["router"]
   assert (r["metric"], r["mode"], r["route_tokens"], spec["embedder"]["kind"]) == ("cosine", "centroid", 32,
                                                                                    "tfidf")
-  orig = interop.run_router(run["config"], run["store"])
+  orig = build_router(run["config"], run["store"])
   assert orig.expert_of_topic.tolist() == [0, 1, 2, 0]  # topic 3 was merged into 0
   assert router.expert_of_topic.tolist() == [0, -1, 2, 0]  # expert 1 not exported: the base
   # the exported embedder files embed exactly as the run's embedder
@@ -185,23 +185,24 @@ def test_exported_router_reads_back_and_routes_like_the_run(run, exported):
 def test_export_import_round_trip_is_bit_exact(run, exported, tmp_path):
   out, _ = exported
   config = _config(tmp_path / "wd2", run["hf"])  # a fresh run on the same base
-  metas = interop.import_run(config, [str(out / "expert_2")], base=(run["cfg"], run["base"], None),
-                             log=lambda *_: None)
+  metas = importer.import_run(config, [str(out / "expert_2")], base=(run["cfg"], run["base"], None),
+                              log=lambda *_: None)
   store = ExpertStore(tmp_path / "wd2" / "experts")
-  assert store.topics() == [0] and metas[0]["topic"] == 0
+  assert store.topics() == [0] and metas[0].topic == 0
   params, meta = store.load(0, run["fp"])
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(run["experts"][2])):
     assert a.dtype == b.dtype and np.array_equal(a, b)
-  old = run["store"].meta(2)
+  old = run["store"].meta(2).to_json()
   drop = ("topic", "imported_from")
-  assert {k: v for k, v in meta.items() if k not in drop} == {k: v for k, v in old.items() if k not in drop}
-  assert meta["imported_from"]["topic"] == 2 and meta["imported_from"]["rescale_b"] is None
+  new = meta.to_json()
+  assert {k: v for k, v in new.items() if k not in drop} == {k: v for k, v in old.items() if k not in drop}
+  assert meta.extra["imported_from"]["topic"] == 2 and meta.extra["imported_from"]["rescale_b"] is None
   # exporting the imported expert again gives the same adapter file, byte for byte
-  interop.export_run(config, tmp_path / "again", log=lambda *_: None)
+  interop_export.export_run(config, tmp_path / "again", log=lambda *_: None)
   assert (tmp_path / "again" / "expert_0" / "adapter_model.safetensors").read_bytes() == \
       (out / "expert_2" / "adapter_model.safetensors").read_bytes()
   # a store-only run (no clustered topics) routes by the imported centroid
-  r = interop.run_router(config)
+  r = build_router(config)
   assert r.route(np.asarray([old["centroid"]])).expert_ids.tolist() == [[0]]
 
 
@@ -216,10 +217,10 @@ def test_foreign_rslora_adapter_is_conformed_and_routed(run, tmp_path):
   before = load_router(config, store)  # saved in the work directory, as `mixie.generate` does
   docs = _docs(3, 10, 5)
   (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-  meta, = interop.import_run(config, [str(tmp_path / "foreign")], [str(tmp_path / "docs.jsonl")],
-                             base=(run["cfg"], run["base"], None), log=lambda *_: None)
-  assert meta["topic"] == 4  # after the 4 clustered topics
-  info = meta["imported_from"]
+  meta, = importer.import_run(config, [str(tmp_path / "foreign")], [str(tmp_path / "docs.jsonl")],
+                              base=(run["cfg"], run["base"], None), log=lambda *_: None)
+  assert meta.topic == 4 and meta.kind == "imported"  # after the 4 clustered topics
+  info = meta.extra["imported_from"]
   assert info["padded_rank"] and sorted(info["zero_targets"]) == ["gate", "k", "o", "up"]
   assert info["rescale_b"] == pytest.approx((6 / np.sqrt(2)) / (8 / 4))
   expert, _ = store.load(4, run["fp"])
@@ -228,9 +229,9 @@ def test_foreign_rslora_adapter_is_conformed_and_routed(run, tmp_path):
   # centroid: mean of the L2-normalised document embeddings, renormalised (cosine)
   emb = run["embedder"].embed(sorted(set(docs)))
   c = emb.mean(0) / np.linalg.norm(emb.mean(0))
-  np.testing.assert_allclose(meta["centroid"], c, atol=1e-6)
+  np.testing.assert_allclose(meta.centroid, c, atol=1e-6)
   # the run's router now reaches it, and still routes the trained topics to their experts
-  router = interop.run_router(config, store)
+  router = build_router(config, store)
   assert router.n_topics == 5
   q = run["embedder"].embed(_docs(3, 8, 9) + _docs(1, 8, 9))
   assert router.route(q).expert_ids[:, 0].tolist() == [4] * 8 + [1] * 8
@@ -280,7 +281,7 @@ def _bad_adapters(run, tmp):
   write_adapter(d, _trained_expert(run["cfg"], 0, wide), wide)
   cases.append((d, "rank 8 exceeds the run's expert rank 4"))
   d = _valid_adapter(run, tmp / "other_base")
-  (d / interop.EXPERT_JSON).write_text(json.dumps({"format": interop.FORMAT, "topic": 1,
+  (d / interop_export.EXPERT_JSON).write_text(json.dumps({"format": interop_export.FORMAT, "topic": 1,
                                                    "meta": {"base_fingerprint": "0123456789abcdef"}}))
   cases.append((d, "trained on base 0123456789abcdef"))
   cases.append((_valid_adapter(run, tmp / "no_docs"), "no documents given"))
@@ -296,7 +297,7 @@ def test_import_refuses_bad_adapters_with_one_clear_message(run, exported, tmp_p
   good = str(exported[0] / "expert_2")  # importable (it carries its centroid), but not with a bad one
   for d, pattern in _bad_adapters(run, tmp_path):
     with pytest.raises(MixieError, match=pattern) as e:
-      interop.import_run(config, [good, str(d)], base=(run["cfg"], run["base"], None), log=lambda *_: None)
+      importer.import_run(config, [good, str(d)], base=(run["cfg"], run["base"], None), log=lambda *_: None)
     assert str(d) in str(e.value) and "\n" not in str(e.value), (d.name, str(e.value))
   assert store.topics() == before  # nothing was written, not even the good adapter
 
@@ -304,7 +305,7 @@ def test_import_refuses_bad_adapters_with_one_clear_message(run, exported, tmp_p
 # --- the CLIs --------------------------------------------------------------------------------------
 
 
-def test_cli_export_and_import_refusal(run, tmp_path):
+def test_cli_export_import_refusal_and_list(run, tmp_path):
   flags = [f"--config={ROOT / 'configs' / 'demo.py'}", f"--config.workdir={run['wd']}",
            "--config.model.source=hf", f"--config.model.path={run['hf']}", "--config.cluster.embedder=tfidf",
            "--config.route.search=numpy"]
@@ -314,7 +315,14 @@ def test_cli_export_and_import_refusal(run, tmp_path):
   assert json.loads((tmp_path / "x" / "router.json").read_text())["adapters"] == {"1": "expert_1"}
   assert (tmp_path / "x" / "expert_1" / "adapter_model.safetensors").exists()
   bad = _valid_adapter(run, tmp_path / "dora", use_dora=True)
-  p = subprocess.run([sys.executable, "-m", "mixie.import", *flags, f"--adapter={bad}"],
+  p = subprocess.run([sys.executable, "-m", "mixie.experts", "import", *flags, f"--adapter={bad}"],
                      cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert p.returncode == 2 and "Traceback" not in p.stderr
   assert p.stderr.strip().splitlines()[-1].startswith("mixie: error: ") and "use_dora=true" in p.stderr
+  p = subprocess.run([sys.executable, "-m", "mixie.experts", "list", *flags], cwd=ROOT, capture_output=True,
+                     text=True, timeout=120)
+  assert p.returncode == 0, p.stderr
+  lines = p.stdout.strip().splitlines()
+  assert lines[0].endswith("experts: 3 expert(s)") and len(lines) == 4
+  assert lines[1].split()[:4] == ["0", "expert", "rank", "4"] and "merged topics [3]" in lines[1]
+  assert "tokens 1002" in lines[3] and "loss 2.3000" in lines[3]

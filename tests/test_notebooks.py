@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mixie.analysis import FIGURE_NAMES
+from mixie.figures import FIGURE_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
@@ -93,3 +93,37 @@ def test_notebook_runs_and_writes_its_figures(name, tiny_run, kernel, monkeypatc
   assert len(images) == len(EXPECTED[name])
   text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
   assert str(tiny_run["workdir"]) in text and str(figdir) in text
+
+
+# --- the sweep notebook (mixie.sweep.report) on the tiny two-point sweep ------------------------------
+
+SWEEP_FIGURES = ["ppl_vs_tokens", "ppl_vs_flops", "ppl_vs_init", "ppl_vs_prefix", "routing_vs_prefix"]
+
+
+def test_sweep_notebook_runs_and_writes_its_figures(tiny_sweep, kernel, monkeypatch, tmp_path):
+  nbclient = pytest.importorskip("nbclient")
+  import nbformat
+
+  nb = nbformat.read(NB_DIR / "sweep.ipynb", as_version=4)
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  assert all(not c.outputs and c.execution_count is None for c in code)
+  assert "google.colab" in code[0].source and code[1].metadata.get("tags") == ["parameters"]
+  figdir = tmp_path / "figures"
+  monkeypatch.setenv("MIXIE_SWEEP", str(tiny_sweep["dir"]))
+  monkeypatch.setenv("MIXIE_SWEEP_NAME", "tiny")
+  monkeypatch.setenv("MIXIE_FIGDIR", str(figdir))
+  monkeypatch.delenv("MIXIE_SOURCE", raising=False)
+  probe = nbformat.v4.new_code_cell('import json\nprint(json.dumps({"points": table["points"], '
+                                    '"rows": len(table["rows"]), "setting": setting}))')
+  nb.cells.append(probe)
+  nbclient.NotebookClient(nb, kernel_name=kernel, timeout=300,
+                          resources={"metadata": {"path": str(tmp_path)}}).execute()
+  seen = json.loads("".join(o.get("text", "") for o in probe.outputs))
+  assert seen == {"points": ["scratch", "seed"], "rows": 18, "setting": "init"}
+  assert sorted(p.name for p in figdir.iterdir()) == sorted(f"{f}.png" for f in SWEEP_FIGURES)
+  for p in figdir.iterdir():
+    assert p.read_bytes().startswith(PNG_MAGIC) and p.stat().st_size > 5000, p
+  images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+  assert len(images) == len(SWEEP_FIGURES)
+  text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+  assert "| scratch | init=scratch | scratch | 8 |" in text and str(figdir) in text

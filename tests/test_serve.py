@@ -17,8 +17,8 @@ from mixie.serve.batched import (gather_experts, generate_rows, mixture_token_lo
                                  rows_prefill)
 from mixie.serve.cache import ExpertCache
 from mixie.serve.server import Server
-from mixie.store import ExpertStore
-from run_utils import random_tree
+from mixie.store import ExpertMeta, ExpertStore
+from run_utils import NumberTokenizer, random_tree
 
 CFG = LlamaConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                   max_seq_len=128)
@@ -223,18 +223,6 @@ def test_cache_load_failure_is_per_expert(model):
 # --- the Server end to end, with a real expert store -------------------------------------------------
 
 
-class _Tok:
-  """Ids <-> space-separated numbers (a stand-in tokenizer with the interface the server uses)."""
-
-  eos_ids = (0,)
-
-  def encode(self, text):
-    return [int(w) for w in text.split()]
-
-  def decode(self, ids):
-    return " ".join(str(i) for i in ids)
-
-
 class _Embedder:
   """Embeds a text by its first number: topic = first token % n_topics (deterministic routing)."""
 
@@ -251,10 +239,10 @@ def served(model, tmp_path):
   store = ExpertStore(tmp_path / "experts")
   fp = fingerprint(CFG, params)
   for t in range(N_EXPERTS):
-    store.write(t, jax.tree.map(lambda x: x[t], experts),
-                {"rank": LORA.rank, "alpha": LORA.alpha, "targets": list(LORA.targets), "base_fingerprint": fp})
+    store.write(t, jax.tree.map(lambda x: x[t], experts), ExpertMeta.new(LORA, fp))
   router = Router(np.eye(N_EXPERTS), RouterConfig(route_tokens=2, search=SearchConfig(backend="brute")))
-  server = Server(CFG, params, _Tok(), store, router, _Embedder(N_EXPERTS), cache_slots=2, length_bucket=T)
+  server = Server(CFG, params, NumberTokenizer(), store, router, _Embedder(N_EXPERTS), cache_slots=2,
+                  length_bucket=T)
   return server, store
 
 
@@ -307,9 +295,8 @@ def test_expert_of_another_lora_shape_fails_only_its_row(model, served):
   params, experts = model
   server, store = served
   one = jax.tree.map(lambda x: x[3], experts)
-  store.write(3, {k: one[k] for k in ("q", "v")},
-              {"rank": LORA.rank, "alpha": LORA.alpha, "targets": ["q", "v"],
-               "base_fingerprint": fingerprint(CFG, params)})
+  qv = LoraConfig(rank=LORA.rank, alpha=LORA.alpha, targets=("q", "v"))
+  store.write(3, {k: one[k] for k in ("q", "v")}, ExpertMeta.new(qv, fingerprint(CFG, params)))
   prompts = _prompts([4, 4], seed=9)
   prompts[0][0], prompts[1][0] = 3, 1
   res = server.generate([" ".join(map(str, p)) for p in prompts], max_new_tokens=MAX_NEW)
@@ -324,10 +311,10 @@ def test_server_input_errors(model, served):
   with pytest.raises(ConfigError, match="top_p"):
     server.generate(["1 2"], top_p=0.0)
   with pytest.raises(ConfigError, match="oracle"):
-    Server(CFG, model[0], _Tok(), served[1], server.router.with_config(mode="oracle"), None,
+    Server(CFG, model[0], NumberTokenizer(), served[1], server.router.with_config(mode="oracle"), None,
            lora=LORA)
   with pytest.raises(ConfigError, match="cache_experts=2"):
-    Server(CFG, model[0], _Tok(), served[1], server.router.with_config(mode="topk", topk=3), None,
+    Server(CFG, model[0], NumberTokenizer(), served[1], server.router.with_config(mode="topk", topk=3), None,
            cache_slots=2, lora=LORA)
 
 

@@ -1,5 +1,5 @@
 """Serving a run end to end: the run's router (built from its topics and expert store, saved in
-`workdir/router`, reloaded), `mixie.generate.make_server`, and the CLI's error path; on a tiny random
+`workdir/router`, reloaded), `mixie.serve.run.make_server`, and the CLI's error path; on a tiny random
 Llama over a real (tf-idf) topics workdir."""
 
 import json
@@ -7,20 +7,18 @@ import os
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mixie import assets
-from mixie.model.checkpoint import fingerprint
 from mixie.model.generate import generate
-from mixie.model.llama import LlamaConfig, param_shapes
+from mixie.model.llama import LlamaConfig
 from mixie.model.lora import LoraConfig, expert_shapes
 from mixie.route.router import ROUTER_JSON, prefix_token_ids
 from mixie.route.run import build_router, expert_of_topic, load_router, router_dir
-from mixie.store import ExpertStore
-from run_utils import random_tree, tfidf_run_config
+from mixie.serve.run import make_server
+from mixie.store import ExpertMeta, ExpertStore
+from run_utils import random_base, random_tree, tfidf_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = LlamaConfig(vocab_size=49152, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -40,21 +38,16 @@ def _config(workdir):
 def run(tmp_path_factory):
   """Topics of 300 documents (k = 3); experts for topics 0 and 2, topic 1 merged into topic 0."""
   from mixie.cluster.topics import run_cluster
-  from mixie.model.tokenizer import Tokenizer
 
   wd = tmp_path_factory.mktemp("serve") / "w"
   config = _config(wd)
   run_cluster(config, log=lambda *_: None)
   rng = np.random.default_rng(0)
-  params = jax.tree.map(jnp.asarray, random_tree(param_shapes(CFG), rng, 0.05,
-                                                  ones=("attn_norm", "mlp_norm", "final_norm")))
-  tok = Tokenizer.from_gguf(assets.smollm2_gguf())
-  meta = {"rank": LORA.rank, "alpha": LORA.alpha, "targets": list(LORA.targets),
-          "base_fingerprint": fingerprint(CFG, params)}
+  params, tok, fp = random_base(CFG, rng)
   experts = {t: random_tree(expert_shapes(CFG, LORA), rng, 0.3) for t in (0, 2)}
   store = ExpertStore(wd / "experts")
-  store.write(0, experts[0], {**meta, "merged_topics": [1]})
-  store.write(2, experts[2], meta)
+  store.write(0, experts[0], ExpertMeta.new(LORA, fp, merged_topics=[1]))
+  store.write(2, experts[2], ExpertMeta.new(LORA, fp))
   with open(assets.wiki_summaries_json()) as f:
     texts = [d["extract"][:400] for d in list(json.load(f).values())[:5]]
   return dict(config=config, params=params, tok=tok, experts=experts, store=store, texts=texts)
@@ -89,7 +82,6 @@ def _topics(config):
 def test_make_server_routes_with_the_run_router_and_serves(run):
   from mixie.cluster.embed import load_embedder
   from mixie.cluster.topics import topics_dir
-  from mixie.generate import make_server
 
   config, params, tok = run["config"], run["params"], run["tok"]
   server = make_server(config, loaded=(CFG, params, tok))

@@ -1,5 +1,5 @@
-"""Expert store (round trip, completion marker, base fingerprint) and PEFT export/import (parity with
-peft)."""
+"""Expert store (round trip, completion marker, base fingerprint, the metadata schema and stores written
+by earlier versions) and the PEFT adapter format (writer and the one reader; parity with peft)."""
 
 import json
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from mixie.errors import MixieError
+from mixie.interop.peft import from_peft_tensors, read_adapter, to_peft_tensors, write_adapter
 from mixie.model.llama import forward
 from mixie.model.lora import LoraConfig, init_expert
-from mixie.peft_io import from_peft_tensors, read_adapter, to_peft_tensors, write_adapter
-from mixie.store import ExpertStore
+from mixie.store import ExpertMeta, ExpertStore, check_fits
 from train_utils import TINY
 
 
@@ -24,8 +24,7 @@ def _expert(lora, seed=0, cfg=TINY):
 
 
 def _meta(lora, fp="fp-a"):
-  return {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets), "base_fingerprint": fp,
-          "centroid": [0.1, 0.2], "tokens_seen": 123, "final_loss": 2.5}
+  return ExpertMeta.new(lora, fp, centroid=[0.1, 0.2], tokens_seen=123, final_loss=2.5)
 
 
 def test_store_round_trip_and_listing(tmp_path):
@@ -36,11 +35,12 @@ def test_store_round_trip_and_listing(tmp_path):
     store.write(t, e, _meta(lora))
   assert store.topics() == [3, 11] and 3 in store and 4 not in store
   params, meta = store.load(11, "fp-a")
-  assert meta["topic"] == 11 and meta["centroid"] == [0.1, 0.2] and meta["targets"] == ["q", "v", "down"]
+  assert meta.topic == 11 and meta.centroid == (0.1, 0.2) and meta.targets == ("q", "v", "down")
+  assert meta.lora == lora and store.lora() == lora and store.metas() == {3: store.meta(3), 11: meta}
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(experts[11])):
     assert a.dtype == b.dtype and np.array_equal(a, b)
   stack, metas = store.load_stack([3, 11], "fp-a")
-  assert stack["q"]["a"].shape == (2,) + experts[3]["q"]["a"].shape and [m["topic"] for m in metas] == [3, 11]
+  assert stack["q"]["a"].shape == (2,) + experts[3]["q"]["a"].shape and [m.topic for m in metas] == [3, 11]
   # an entry whose meta.json was never written (killed mid-write) is not listed, and loading it says so
   (store.entry_dir(5)).mkdir()
   (store.entry_dir(5) / "weights.safetensors").write_bytes(b"partial")
@@ -62,6 +62,73 @@ def test_store_refuses_another_base_and_corrupt_files(tmp_path):
   bad["q"]["a"] = bad["q"]["a"][..., :1]  # rank 1 tensors under a rank-2 meta
   with pytest.raises(MixieError, match="do not fit rank 2"):
     store.write(1, bad, _meta(lora))
+  with pytest.raises(MixieError, match="must be an ExpertMeta"):
+    store.write(1, _expert(lora), _meta(lora).to_json())  # a hand-made dict: one writer only
+
+
+# meta.json of an expert and of the all-data LoRA exactly as the stores of earlier versions hold them
+# (copied from a run of 2026-11, the centroid shortened): they still load, unchanged.
+OLD_EXPERT_META = {
+    "alpha": 16.0, "base_fingerprint": "33e4eabff8214f7e", "budget": 2048, "centroid": [0.25, -0.5, 0.125],
+    "final_loss": 2.637050151824951, "format": "mixie_expert/1", "kind": "expert", "merged_topics": [],
+    "mode": "experts", "rank": 8, "steps": 9, "targets": ["q", "k", "v", "o", "gate", "up", "down"],
+    "tokens_seen": 2278, "topic": 2, "topic_tokens": 211908}
+OLD_LORA_ALL_META = {
+    "alpha": 16.0, "base_fingerprint": "33e4eabff8214f7e", "final_loss": 2.9672508239746094,
+    "format": "mixie_expert/1", "kind": "lora_all", "mode": "lora_all", "rank": 8, "steps": 9,
+    "targets": ["q", "k", "v", "o", "gate", "up", "down"], "tokens_seen": 13691, "topic": 0, "topics": 6}
+
+
+def test_metadata_of_earlier_stores_loads_and_writes_back_byte_for_byte(tmp_path):
+  lora = LoraConfig(rank=8, alpha=16.0)
+  for topic, old in ((2, OLD_EXPERT_META), (0, OLD_LORA_ALL_META)):
+    store = ExpertStore(tmp_path / old["kind"])
+    store.write(topic, _expert(lora), ExpertMeta.new(lora, "x"))
+    text = json.dumps(old, indent=2, sort_keys=True) + "\n"  # how mixie.io.atomic_write_json writes
+    store.meta_file(topic).write_text(text)
+    params, meta = store.load(topic, "33e4eabff8214f7e", lora)
+    assert meta.lora == lora and meta.kind == old["kind"] and meta.tokens_seen == old["tokens_seen"]
+    assert meta.to_json() == old
+    store.write(topic, params, meta)  # rewritten by this version: the same bytes
+    assert store.meta_file(topic).read_text() == text
+  m = ExpertStore(tmp_path / "lora_all").meta(0)
+  assert m.extra == {"topics": 6} and m.centroid is None and m.merged_topics is None
+  assert ExpertStore(tmp_path / "expert").meta(2).centroid == (0.25, -0.5, 0.125)
+
+
+def test_metadata_is_validated_field_by_field(tmp_path):
+  good = dict(OLD_EXPERT_META)
+  for change, pattern in (({"rank": "8"}, "field 'rank' has the invalid value '8'"),
+                          ({"targets": ["q", "lm_head"]}, "unknown target module"),
+                          ({"centroid": [0.1, None]}, "field 'centroid'"),
+                          ({"merged_topics": [1.5]}, "field 'merged_topics'"),
+                          ({"format": "mixie_expert/2"}, "format 'mixie_expert/2'; this mixie reads"),
+                          ({"base_fingerprint": None}, "field 'base_fingerprint'")):
+    with pytest.raises(MixieError, match=pattern):
+      ExpertMeta.from_json({**good, **change}, where="m.json")
+  with pytest.raises(MixieError, match=r"m.json: corrupt expert metadata, missing \['alpha'\]"):
+    ExpertMeta.from_json({k: v for k, v in good.items() if k != "alpha"}, where="m.json")
+  store = ExpertStore(tmp_path / "s")
+  lora = LoraConfig(rank=2, alpha=4.0, targets=("q",))
+  store.write(0, _expert(lora), ExpertMeta.new(lora, "fp"))
+  store.meta_file(0).write_text(json.dumps({**store.meta(0).to_json(), "alpha": "big"}))
+  with pytest.raises(MixieError, match=r"topic_000000/meta.json: field 'alpha'"):
+    store.load(0, "fp")
+
+
+def test_an_expert_fits_only_its_base_and_lora_shape():
+  lora = LoraConfig(rank=4, alpha=8.0, targets=("q", "v"))
+  meta = ExpertMeta.new(lora, "fp-a", topic=3)
+  check_fits(meta, "here", fingerprint="fp-a", lora=LoraConfig(rank=4, alpha=8, targets=("q", "v")))
+  check_fits(meta, "here")  # nothing to check
+  with pytest.raises(MixieError, match="here: the expert of topic 3 was trained on base fp-a, but the"):
+    check_fits(meta, "here", fingerprint="fp-b")
+  for other in (LoraConfig(rank=8, alpha=8.0, targets=("q", "v")),
+                LoraConfig(rank=4, alpha=4.0, targets=("q", "v")),
+                LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "v"))):
+    want = r"here: expert of topic 3 has rank 4, alpha 8.0, targets \['q', 'v'\]; the other experts have"
+    with pytest.raises(MixieError, match=want):
+      check_fits(meta, "here", lora=other)
 
 
 def test_peft_tensors_round_trip_bit_exact(tmp_path):
@@ -72,9 +139,9 @@ def test_peft_tensors_round_trip_bit_exact(tmp_path):
   assert t["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].shape == (TINY.d_model, 4)
   back = from_peft_tensors(t)
   write_adapter(tmp_path / "ad", e, lora)
-  back2, lora2 = read_adapter(tmp_path / "ad")
-  assert lora2 == lora
-  for x in (back, back2):
+  ad = read_adapter(tmp_path / "ad")
+  assert (ad.rank, ad.alpha, ad.dropout, ad.targets, ad.scale) == (4, 8.0, 0.05, lora.targets, lora.scale)
+  for x in (back, ad.expert):
     for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(e)):
       assert a.dtype == b.dtype and np.array_equal(a, b)
   t.pop("base_model.model.model.layers.1.mlp.up_proj.lora_B.weight")
@@ -107,3 +174,32 @@ def test_exported_expert_in_peft_gives_the_same_logits(tmp_path):
   assert np.abs(got - want).max() <= 1e-4
   # the expert really changes the logits (the comparison is not base vs base)
   assert np.abs(got - np.asarray(forward(base, None, tokens, cfg)[0])).max() > 1e-2
+
+
+def test_the_peft_reader_takes_rslora_and_bfloat16_and_refuses_other_adapters_by_name(tmp_path):
+  lora = LoraConfig(rank=4, alpha=8.0, targets=("q", "v"))
+  e = _expert(lora)
+  write_adapter(tmp_path / "rs", e, lora, extra_config={"use_rslora": True})
+  ad = read_adapter(tmp_path / "rs")
+  assert ad.use_rslora and ad.scale == pytest.approx(8.0 / 2.0) and ad.targets == ("q", "v")
+  for name, change, pattern in (("dora", {"use_dora": True}, "use_dora=true"),
+                                ("ia3", {"peft_type": "IA3"}, "peft_type='IA3'"),
+                                ("loha", {"peft_type": "LOHA"}, "peft_type='LOHA'"),
+                                ("bias", {"bias": "lora_only"}, "LoRA biases"),
+                                ("pattern", {"alpha_pattern": {"q_proj": 4}}, "alpha_pattern")):
+    write_adapter(tmp_path / name, e, lora, extra_config=change)
+    with pytest.raises(MixieError, match=f"{name}: not a PEFT adapter mixie can read: .*{pattern}"):
+      read_adapter(tmp_path / name)
+  # bfloat16 tensors, as torch saves them (safetensors' numpy API cannot read them)
+  torch = pytest.importorskip("torch")
+  import safetensors.torch
+
+  t = to_peft_tensors(e)
+  write_adapter(tmp_path / "bf16", e, lora)
+  safetensors.torch.save_file({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in t.items()},
+                              str(tmp_path / "bf16" / "adapter_model.safetensors"))
+  ad = read_adapter(tmp_path / "bf16")
+  for p in ("q", "v"):
+    want = torch.from_numpy(np.array(e[p]["b"])).to(torch.bfloat16).float().numpy()
+    assert str(ad.expert[p]["b"].dtype) == "bfloat16"
+    np.testing.assert_array_equal(ad.expert[p]["b"].astype(np.float32), want)

@@ -36,6 +36,13 @@ def _loop(tmp, name, base, *, spec=SPEC, max_steps=0, stop=None, checkpoint_ever
   return res, store
 
 
+@pytest.fixture(scope="module")
+def ref_run(tmp_path_factory):
+  """One uninterrupted run on one device: `(LoopResult, ExpertStore)`, the reference of every test here
+  (they trained the same run each: same spec, base, budgets and stream)."""
+  return _loop(tmp_path_factory.mktemp("ref"), "ref", tiny_base())
+
+
 def _store_bytes(store):
   return {t: ((store.entry_dir(t) / "weights.safetensors").read_bytes(),
               (store.entry_dir(t) / "meta.json").read_bytes()) for t in store.topics()}
@@ -50,20 +57,21 @@ def test_budgets_and_schedule_order():
   assert token_budgets(SIZES, "fixed", 64) == {t: 64 for t in SIZES}
 
 
-def test_scheduler_refills_slots_and_each_stored_expert_equals_training_it_alone(tmp_path):
+def test_scheduler_refills_slots_and_each_stored_expert_equals_training_it_alone(ref_run):
   base = tiny_base()
-  res, store = _loop(tmp_path, "run", base)
+  res, store = ref_run
   assert res.status == "finished" and store.topics() == TOPICS
+  assert res.diverged == {}  # a normal run: no expert flagged as diverged
   budgets = _budgets()
+  spec1 = tiny_spec(1, lr=5e-3)  # one slot: the step is compiled once for every topic
+  comp = compile_fns(spec1, mesh(), RULES, jax.eval_shape(lambda: base))
   for t in TOPICS:
     params, meta = store.load(t, "fp-test")
     steps = -(-budgets[t] // (B * T))
-    assert meta["tokens_seen"] == steps * B * T and meta["centroid"] == [float(t), 0.5]
-    assert meta["rank"] == SPEC.lora.rank and meta["targets"] == list(SPEC.lora.targets)
-    assert np.isfinite(meta["final_loss"])
+    assert meta.tokens_seen == steps * B * T and meta.centroid == (float(t), 0.5)
+    assert meta.has_shape(SPEC.lora) and meta.mode == "experts" and meta.kind == "expert"
+    assert np.isfinite(meta.final_loss)
     # the same expert trained alone in one slot for the same number of steps on the same stream
-    spec1 = tiny_spec(1, lr=5e-3)
-    comp = compile_fns(spec1, mesh(), RULES, jax.eval_shape(lambda: base))
     st = create_state(spec1, mesh(), RULES, base, [t], [steps], comp)
     for s in range(steps):
       st, _ = comp.step(st, base, batch_for([t], [s], B, T, TINY.vocab_size))
@@ -74,9 +82,9 @@ def test_scheduler_refills_slots_and_each_stored_expert_equals_training_it_alone
     store.load(0, "another-base")
 
 
-def test_resume_from_checkpoint_gives_the_same_store_bit_for_bit(tmp_path):
+def test_resume_from_checkpoint_gives_the_same_store_bit_for_bit(tmp_path, ref_run):
   base = tiny_base()
-  _, ref = _loop(tmp_path, "ref", base)
+  ref = ref_run[1]
   first, _ = _loop(tmp_path, "cut", base, max_steps=5)
   assert first.status == "max_steps" and first.step == 5
   second, cut = _loop(tmp_path, "cut", base)  # new loader + scheduler objects: everything from the checkpoint
@@ -84,11 +92,11 @@ def test_resume_from_checkpoint_gives_the_same_store_bit_for_bit(tmp_path):
   assert _store_bytes(cut) == _store_bytes(ref)
 
 
-def test_resume_on_another_device_count(tmp_path):
+def test_resume_on_another_device_count(tmp_path, ref_run):
   """Saved on 1 device, continued on 4 (expert 2 x data 2): the abstract restore target carries the
   new shardings; the result equals the single-device run to f32 rounding."""
   base = tiny_base()
-  _, ref = _loop(tmp_path, "ref", base)
+  ref = ref_run[1]
   first, _ = _loop(tmp_path, "moved", base, max_steps=5)
   second, moved = _loop(tmp_path, "moved", base, mesh_shape=(2, 2, 1))
   assert first.status == "max_steps" and second.status == "finished"

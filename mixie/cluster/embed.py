@@ -27,7 +27,10 @@ from jax.sharding import Mesh
 
 from mixie import io as mio
 from mixie.cluster.batching import run_batched
+from mixie.cluster.minilm import MiniLMEncoder, mean_pool_normalize
 from mixie.errors import ConfigError, MixieError
+from mixie.model.checkpoint import fingerprint
+from mixie.model.llama import forward
 
 EMBEDDERS = ("minilm", "base", "tfidf")
 SPEC_JSON = "embedder.json"
@@ -66,8 +69,6 @@ class MiniLMEmbedder(Embedder):
 
   def __init__(self, embed_tokens: int = 64, *, batch: int = 64, mesh: Mesh | None = None,
                model_dir=None):
-    from mixie.cluster.minilm import MiniLMEncoder
-
     self.encoder = MiniLMEncoder(model_dir, max_tokens=embed_tokens, batch=batch, mesh=mesh)
     self.embed_tokens, self.dim = embed_tokens, self.encoder.dim
 
@@ -85,9 +86,6 @@ class MiniLMEmbedder(Embedder):
 
 
 def _base_pooled(params, tokens_bt, mask_bt, *, cfg):
-  from mixie.cluster.minilm import mean_pool_normalize
-  from mixie.model.llama import forward
-
   _, _, hidden_btd = forward(params, None, tokens_bt, cfg, return_hidden=True)  # logits unused: DCE'd
   return mean_pool_normalize(hidden_btd, mask_bt)
 
@@ -114,7 +112,6 @@ class BaseEmbedder(Embedder):
   def fingerprint(self) -> str:
     """The base model's fingerprint (cached): embeddings are only valid for that base."""
     if self._fingerprint is None:
-      from mixie.model.checkpoint import fingerprint
       self._fingerprint = fingerprint(self.cfg, self.params)
     return self._fingerprint
 

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from mixie.assets import minilm_dir
 from mixie.cluster.batching import run_batched
 from mixie.errors import MixieError
 from mixie.sharding import replicated
@@ -202,7 +203,6 @@ class MiniLM(nnx.Module):
                       dtype: str = "float32") -> "MiniLM":
     """Loads `model_dir` (default: the shipped all-MiniLM-L6-v2)."""
     if model_dir is None:
-      from mixie.assets import minilm_dir
       model_dir = minilm_dir()
     return cls(*load_params(model_dir, dtype))
 
@@ -240,7 +240,6 @@ class MiniLMEncoder:
   def __init__(self, model_dir: str | pathlib.Path | None = None, *, max_tokens: int = 128,
                batch: int = 64, mesh: Mesh | None = None, dtype: str = "float32"):
     if model_dir is None:
-      from mixie.assets import minilm_dir
       model_dir = minilm_dir()
     self.model_dir = pathlib.Path(model_dir)
     self.cfg, params = load_params(self.model_dir, dtype)

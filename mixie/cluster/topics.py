@@ -32,7 +32,20 @@ from typing import Any
 import numpy as np
 
 from mixie import io as mio
+from mixie.cluster import kmeans as km
+from mixie.cluster.embed import make_embedder, validate_cluster_embed_config
+from mixie.cluster.hdbscan import umap_hdbscan
+from mixie.cluster.kmeans import METRICS
+from mixie.cluster.metrics import cluster_quality
+from mixie.data import dataset as ds
+from mixie.data.corpus import corpus_report, load_corpus, validate_data_config
+from mixie.data.dataset import topic_token_counts
+from mixie.data.loader import resolve_small_topics
 from mixie.errors import ConfigError, MixieError, check
+from mixie.model.llama import PRESETS
+from mixie.model.load import has_shipped_vocab, load_base, load_tokenizer
+from mixie.sharding import make_mesh
+from mixie.validate import check_run_inputs
 
 METHODS = ("kmeans", "hdbscan")
 STEPS = ("embed", "cluster", "dataset")
@@ -113,10 +126,6 @@ def _int(c, section, field, lo):
 
 def validate_config(config) -> None:
   """Checks the settings this stage uses before any work; `ConfigError` names the field."""
-  from mixie.cluster.embed import validate_cluster_embed_config
-  from mixie.cluster.kmeans import METRICS
-  from mixie.data.corpus import validate_data_config
-
   if not config.get("workdir"):
     raise ConfigError("workdir must be set (--workdir or config.workdir)")
   validate_data_config(config.data)
@@ -134,9 +143,6 @@ def validate_config(config) -> None:
   if cc.balanced_max_size and not float(cc.balanced_max_size) >= 1.0:
     raise ConfigError(f"cluster.balanced_max_size must be 0 (off) or >= 1, got {cc.balanced_max_size!r}")
   if config.model.source == "random":  # the dataset is tokenized with the shipped SmolLM2 tokenizer
-    from mixie.model.llama import PRESETS
-    from mixie.model.load import has_shipped_vocab
-
     preset = PRESETS.get(config.model.preset)
     if preset is not None and not has_shipped_vocab(preset):
       raise ConfigError(
@@ -147,6 +153,7 @@ def validate_config(config) -> None:
   if cc.method == "kmeans" and max_docs and cc.k > max_docs:
     raise ConfigError(f"cluster.k={cc.k} is larger than data.max_docs={max_docs}: "
                       "k-means needs at least k documents")
+  check_run_inputs(config)  # corpus, base headers, tokenizer: a bad input fails before any compute
 
 
 def _check_against_corpus(config, n_train: int) -> None:
@@ -248,8 +255,6 @@ class _Steps:
 def stage_mesh(config):
   """The mesh of this stage: every device on `data` (batches and points are sharded over it), times the
   config's `model` axis (a base too large to replicate is sharded over it by `mesh.rules`)."""
-  from mixie.sharding import make_mesh
-
   shape = dict(zip(tuple(config.mesh.axes), tuple(config.mesh.shape)))
   model = shape.get("model", 1)
   model = model if isinstance(model, int) and model > 0 else 1
@@ -258,8 +263,6 @@ def stage_mesh(config):
 
 def _base_tokenizer(model_cfg):
   """The base model's tokenizer alone (no weights loaded) for tokenizing the dataset."""
-  from mixie.model.load import load_tokenizer
-
   return load_tokenizer(model_cfg.source, model_cfg.path, model_cfg.get("preset", ""))
 
 
@@ -290,8 +293,8 @@ def run_cluster(config, *, log=print) -> dict[str, Any]:
   def get_corpus():
     nonlocal corpus
     if corpus is None:
-      from mixie.data.corpus import load_corpus
       corpus = load_corpus(config.data)
+      log(f"mixie.cluster: {corpus_report(config.data, corpus.stats)}")
       _check_against_corpus(config, int((~corpus.heldout).sum()))
     return corpus
 
@@ -301,11 +304,9 @@ def run_cluster(config, *, log=print) -> dict[str, Any]:
   else:
     t0 = steps.start("embed")
     corp = get_corpus()
-    from mixie.cluster.embed import make_embedder
 
     base = None
     if cc.embedder == "base":
-      from mixie.model.load import load_base
       base = load_base(config.model, mesh=get_mesh(), rules=tuple(config.mesh.rules), seed=config.seed)
     train_texts = [corp.texts[i] for i in corp.train_indices()]
     log(f"mixie.cluster: embedding {len(corp)} documents with {cc.embedder} "
@@ -332,8 +333,6 @@ def run_cluster(config, *, log=print) -> dict[str, Any]:
     train = ~e["heldout"]
     _check_against_corpus(config, int(train.sum()))
     x_nd = e["emb_nd"]
-    from mixie.cluster import kmeans as km
-    from mixie.cluster.metrics import cluster_quality
 
     extra: dict[str, Any] = {}
     log(f"mixie.cluster: clustering {int(train.sum())} training documents ({cc.method})")
@@ -343,7 +342,6 @@ def run_cluster(config, *, log=print) -> dict[str, Any]:
                     seed=config.seed, mesh=get_mesh())
       extra = {"inertia": r.inertia, "iterations": r.n_iter}
     else:
-      from mixie.cluster.hdbscan import umap_hdbscan
       r = umap_hdbscan(x_nd[train], umap_dim=cc.umap_dim, umap_neighbors=cc.umap_neighbors,
                        min_cluster_size=cc.min_cluster_size, metric=cc.metric, seed=config.seed,
                        chunk=cc.chunk)
@@ -373,8 +371,6 @@ def run_cluster(config, *, log=print) -> dict[str, Any]:
     steps.finish("cluster", t0, {"num_topics": int(centroids.shape[0])})
 
   # --- dataset ------------------------------------------------------------------------------------
-  from mixie.data import dataset as ds
-
   out = dataset_dir(config.workdir)
   if steps.done("dataset") and _dataset_ok(out, log):
     steps.skip("dataset")
@@ -411,8 +407,6 @@ def run_cluster(config, *, log=print) -> dict[str, Any]:
 
 def _dataset_ok(out, log) -> bool:
   """Whether the clustered dataset is complete and intact (shard sizes as the manifest says)."""
-  from mixie.data import dataset as ds
-
   if ds.dataset_status(out) != "complete":
     return False
   try:
@@ -426,9 +420,6 @@ def _dataset_ok(out, log) -> bool:
 
 def _small_topics_report(config, out, topics: Topics) -> dict:
   """Topics with fewer tokens than one training batch (b x T) and what `dataset.small_topics` does."""
-  from mixie.data.dataset import topic_token_counts
-  from mixie.data.loader import resolve_small_topics
-
   counts = topic_token_counts(out, "train")
   try:
     _, report = resolve_small_topics(counts, topics.centroids_kd, _min_batch_tokens(config),

@@ -1,12 +1,15 @@
-"""Corpus sources: the shipped Wikipedia summaries, JSONL, plain-text directories and TFDS datasets.
+"""Corpus sources: the shipped Wikipedia summaries, JSONL, plain-text directories and TFDS datasets, and
+`wiki_stdlib` (the summaries mixed with this interpreter's standard library: `mixie.data.stdlib_corpus`).
 
-Documents come in source order (files sorted by name), except the shipped summaries, which are
-ordered by a hash of their title because the file itself is sorted by topic.
+Documents come in source order (files sorted by name), except the shipped summaries (and wiki_stdlib),
+which are ordered by a hash of their title because the file itself is sorted by topic.
 
 Every source streams `Document`s through the same filter:
 - the text is Unicode-NFC normalised and stripped of leading/trailing whitespace;
 - empty / whitespace-only, non-UTF-8 (undecodable bytes or lone surrogates), malformed (bad JSON,
-  non-string text) and exact-duplicate documents are dropped and counted in a stats dict;
+  non-string text) and exact-duplicate documents are dropped and counted in a stats dict, with where
+  the first unusable record is (`corpus_report` prints it all); when more than `data.max_bad_fraction`
+  of the records read are unusable (duplicates are not), the corpus is refused with that location;
 - the document id is the first 16 hex digits of blake2b(normalised text), so ids do not depend on file
   order, and exact duplicates are exactly the documents whose id was already seen;
 - a document is held out when blake2b(f"{heldout_seed}:{id}") / 2**64 < heldout_fraction: stable under
@@ -29,12 +32,18 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from mixie import assets
+from mixie.data import stdlib_corpus
 from mixie.errors import ConfigError, MixieError, check
 from mixie.io import path as _path
 
-SOURCES = ("wiki_summaries", "jsonl", "text", "tfds")
+SOURCES = ("wiki_summaries", "jsonl", "text", "tfds", "wiki_stdlib")
+_BUILTIN = ("wiki_summaries", "wiki_stdlib")  # sources that need no data.path
 _GLOB_CHARS = "*?["
 _STAT_KEYS = ("read", "kept", "heldout", "empty", "duplicate", "non_utf8", "malformed", "missing_text")
+# why a record is dropped; every cause but "duplicate" makes the record unusable ("bad")
+DROP_CAUSES = {"empty": "empty text", "duplicate": "exact duplicate", "non_utf8": "not UTF-8",
+               "malformed": "bad JSON or non-string text", "missing_text": "no text field"}
+BAD_CAUSES = tuple(k for k in DROP_CAUSES if k != "duplicate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,20 +120,28 @@ def validate_data_config(data_cfg) -> None:
   """Checks the `data` config section before any work; raises `ConfigError` naming the field."""
   check(data_cfg.source in SOURCES,
         f"data.source={data_cfg.source!r}: must be one of {', '.join(SOURCES)}", ConfigError)
-  if data_cfg.source != "wiki_summaries":
+  if data_cfg.source not in _BUILTIN:
     check(bool(data_cfg.path), f"data.path is required with data.source={data_cfg.source!r}", ConfigError)
   check(0.0 <= float(data_cfg.heldout_fraction) < 1.0,
         f"data.heldout_fraction={data_cfg.heldout_fraction}: must be in [0, 1)", ConfigError)
   check(int(data_cfg.max_docs) >= 0, f"data.max_docs={data_cfg.max_docs}: must be >= 0", ConfigError)
   if data_cfg.source in ("jsonl", "tfds"):
     check(bool(data_cfg.text_field), "data.text_field must name the field holding the text", ConfigError)
+  check(0.0 <= _max_bad_fraction(data_cfg) <= 1.0,
+        f"data.max_bad_fraction={data_cfg.get('max_bad_fraction')}: must be in [0, 1]", ConfigError)
 
 
-# --- raw sources: yield (text | None, label | None, title, problem) ---------------------------------
+def _max_bad_fraction(data_cfg) -> float:
+  """`data.max_bad_fraction`; a section without the field (built by hand) sets no limit."""
+  return float(data_cfg.get("max_bad_fraction", 1.0))
+
+
+# --- raw sources: yield (text | None, label | None, title, problem, where) --------------------------
 # `text` is a str (maybe not yet normalised) or None; `problem` is None or a stats key naming why the
-# record is unusable ("non_utf8", "malformed", "missing_text").
+# record is unusable ("non_utf8", "malformed", "missing_text"); `where` locates the record for messages
+# (file:line for JSONL).
 
-_Raw = tuple[str | None, str | None, str, str | None]
+_Raw = tuple[str | None, str | None, str, str | None, str]
 
 
 def _decode(b: bytes) -> str | None:
@@ -143,10 +160,11 @@ def _wiki_raw() -> Iterator[_Raw]:
   check(isinstance(data, dict), f"{p}: expected a JSON object title -> summary")
   recs = []
   for title, rec in data.items():
+    where = f"{p} entry {str(title)!r}"
     if not isinstance(rec, dict) or not isinstance(rec.get("extract"), str):
-      recs.append((None, None, str(title), "malformed"))
+      recs.append((None, None, str(title), "malformed", where))
     else:
-      recs.append((rec["extract"], str(rec.get("topic", "")), str(rec.get("title", title)), None))
+      recs.append((rec["extract"], str(rec.get("topic", "")), str(rec.get("title", title)), None, where))
   # The file is sorted by topic, so "the first max_docs" would be one topic: order by a hash of the
   # title instead (deterministic), so that any prefix is a uniform sample of all topics.
   recs.sort(key=lambda r: hashlib.blake2b(r[2].encode("utf-8", "replace"), digest_size=8).digest())
@@ -162,10 +180,10 @@ def _glob_files(spec: str, patterns: tuple[str, ...], what: str) -> list:
     i = next(i for i, s in enumerate(parts) if any(c in s for c in _GLOB_CHARS))
     base = "/".join(parts[:i]) or ("/" if spec.startswith("/") else ".")
     files = sorted(p for p in _path(base).glob("/".join(parts[i:])) if p.is_file())
-    check(bool(files), f"data.path={spec!r}: no {what} file matches this pattern")
+    check(bool(files), f"data.path={spec!r}: no {what} file matches this pattern", ConfigError)
     return files
   p = _path(spec)
-  check(p.exists(), f"data.path={spec!r}: no such file or directory")
+  check(p.exists(), f"data.path={spec!r}: no such file or directory", ConfigError)
   if p.is_dir():
     files = sorted(root / name for root, _, names in p.walk() for name in names
                    if any(fnmatch.fnmatch(name, pat) for pat in patterns))
@@ -199,26 +217,26 @@ def _jsonl_raw(files: list, text_field: str, label_field: str) -> Iterator[_Raw]
       for line_no, line in enumerate(stream, 1):
         if not line.strip():
           continue
-        title = f"{f.name}:{line_no}"
+        title, where = f"{f.name}:{line_no}", f"{f}:{line_no}"
         s = _decode(line)
         if s is None:
-          yield None, None, title, "non_utf8"
+          yield None, None, title, "non_utf8", where
           continue
         try:
           rec = json.loads(s)
         except json.JSONDecodeError:
-          yield None, None, title, "malformed"
+          yield None, None, title, "malformed", where
           continue
         text = _get_field(rec, text_field)
         if text is None:
-          yield None, None, title, "missing_text"
+          yield None, None, title, "missing_text", where
           continue
         if not isinstance(text, str):
-          yield None, None, title, "malformed"
+          yield None, None, title, "malformed", where
           continue
         t = _get_field(rec, "title")
         yield (text, _label_str(_get_field(rec, label_field)) if label_field else None,
-               t if isinstance(t, str) else title, None)
+               t if isinstance(t, str) else title, None, where)
 
 
 def _text_raw(files: list, root: str) -> Iterator[_Raw]:
@@ -226,7 +244,7 @@ def _text_raw(files: list, root: str) -> Iterator[_Raw]:
   for f in files:
     title = str(f)[len(root_s):].lstrip("/") or f.name
     s = _decode(f.read_bytes())
-    yield (s, None, title, None) if s is not None else (None, None, title, "non_utf8")
+    yield (s, None, title, None if s is not None else "non_utf8", str(f))
 
 
 def _tfds_raw(name: str, split: str, data_dir: str, text_field: str, label_field: str,
@@ -247,47 +265,60 @@ def _tfds_raw(name: str, split: str, data_dir: str, text_field: str, label_field
   for start in range(0, n, block):
     recs = src.__getitems__(list(range(start, min(start + block, n))))
     for j, rec in enumerate(recs):
+      where = f"{name}/{split}[{start + j}]"
       title = _get_field(rec, "title")
-      title = _label_str(title) if title is not None else f"{name}/{split}[{start + j}]"
+      title = _label_str(title) if title is not None else where
       text = _get_field(rec, text_field)
       if text is None:
-        yield None, None, title, "missing_text"
+        yield None, None, title, "missing_text", where
         continue
       if isinstance(text, np.ndarray) and text.ndim == 0:
         text = text.item()
       if isinstance(text, bytes):
         text = _decode(text)
         if text is None:
-          yield None, None, title, "non_utf8"
+          yield None, None, title, "non_utf8", where
           continue
       if not isinstance(text, str):
-        yield None, None, title, "malformed"
+        yield None, None, title, "malformed", where
         continue
       label = None
       if label_field:
         v = _get_field(rec, label_field)
         label = int2str(int(v)) if (int2str is not None and v is not None) else _label_str(v)
-      yield text, label, title, None
+      yield text, label, title, None, where
 
 
 def _raw_source(data_cfg) -> Iterator[_Raw]:
   """Resolves files (failing now, not at the first `next`) and returns the raw record stream."""
   src = data_cfg.source
-  if src == "wiki_summaries":
+  if src in _BUILTIN:
     assets.wiki_summaries_json()  # fails now if the asset package is missing
-    return _wiki_raw()
+    return _wiki_raw() if src == "wiki_summaries" else stdlib_corpus.wiki_stdlib_raw(_wiki_raw())
   if src == "jsonl":
     files = _glob_files(data_cfg.path, ("*.jsonl", "*.jsonl.gz"), "JSONL")
     return _jsonl_raw(files, data_cfg.text_field, data_cfg.label_field)
   if src == "text":
     p = _path(data_cfg.path)
-    check(p.exists() and p.is_dir(), f"data.path={data_cfg.path!r}: no such directory (data.source=text)")
+    check(p.exists() and p.is_dir(), f"data.path={data_cfg.path!r}: no such directory (data.source=text)",
+          ConfigError)
     return _text_raw(_glob_files(data_cfg.path, ("*.txt",), ".txt"), data_cfg.path)
   return _tfds_raw(data_cfg.path, data_cfg.split, data_cfg.data_dir, data_cfg.text_field,
                    data_cfg.label_field)
 
 
+def check_corpus(data_cfg) -> None:
+  """The corpus the `data` section names is there: its files resolve (or its TFDS dataset opens),
+  without reading a document. `ConfigError` / `MixieError` naming the field or path."""
+  validate_data_config(data_cfg)
+  raw = _raw_source(data_cfg)  # files are resolved here
+  if data_cfg.source == "tfds":
+    next(iter(raw), None)  # opens the dataset (first records only)
+
+
 def _describe(data_cfg) -> str:
+  if data_cfg.source == "wiki_stdlib":
+    return "the shipped Wikipedia summaries + this interpreter's standard library"
   return "the shipped Wikipedia summaries" if data_cfg.source == "wiki_summaries" else (
       f"data.path={data_cfg.path!r} ({data_cfg.source})")
 
@@ -296,15 +327,20 @@ def iter_documents(data_cfg, stats: dict[str, Any] | None = None) -> Iterator[Do
   """Streams the kept documents of the corpus the `data` config section names.
 
   Config problems and a missing path raise now; `stats` (if given) is updated in place with counts
-  (read, kept, heldout, empty, duplicate, non_utf8, malformed, missing_text). When the stream ends
-  with no document kept, it raises `MixieError` with those counts.
+  (read, kept, heldout, empty, duplicate, non_utf8, malformed, missing_text) and `first_bad` (where
+  and why the first unusable record was dropped, or None). When the stream ends with no document
+  kept, or with more than `data.max_bad_fraction` of the records read unusable, it raises
+  `MixieError` with those counts and the first unusable record's location.
   """
   validate_data_config(data_cfg)
   raw = _raw_source(data_cfg)
   stats = {} if stats is None else stats
   for k in _STAT_KEYS:
     stats.setdefault(k, 0)
+  if data_cfg.source == "wiki_stdlib":  # the interpreter version and sizes the corpus depends on
+    stats.update(stdlib_corpus.source_info())
   stats["max_docs_reached"] = False
+  stats.setdefault("first_bad", None)
   return _filter(raw, data_cfg, stats)
 
 
@@ -312,22 +348,28 @@ def _filter(raw: Iterator[_Raw], data_cfg, stats: dict[str, Any]) -> Iterator[Do
   max_docs = int(data_cfg.max_docs)
   frac, seed = float(data_cfg.heldout_fraction), int(data_cfg.get("heldout_seed", 0))
   seen: set[int] = set()
-  for text, label, title, problem in raw:
+
+  def bad(cause: str, where: str) -> None:
+    stats[cause] += 1
+    if stats["first_bad"] is None:
+      stats["first_bad"] = {"where": where, "cause": cause}
+
+  for text, label, title, problem, where in raw:
     if max_docs and stats["kept"] >= max_docs:
       stats["max_docs_reached"] = True
       break
     stats["read"] += 1
     if problem is not None:
-      stats[problem] += 1
+      bad(problem, where)
       continue
     norm = normalize_text(text)
     if not norm:
-      stats["empty"] += 1
+      bad("empty", where)
       continue
     try:
       i = doc_id(norm)
     except UnicodeEncodeError:  # lone surrogates (e.g. "\ud800" escapes in JSON)
-      stats["non_utf8"] += 1
+      bad("non_utf8", where)
       continue
     key = int(i, 16)
     if key in seen:
@@ -341,7 +383,34 @@ def _filter(raw: Iterator[_Raw], data_cfg, stats: dict[str, Any]) -> Iterator[Do
   if stats["kept"] == 0:
     dropped = ", ".join(f"{k}={stats[k]}" for k in _STAT_KEYS[3:] if stats[k])
     raise MixieError(f"empty corpus: {_describe(data_cfg)} has no usable document "
-                     f"({stats['read']} read" + (f"; dropped {dropped})" if dropped else ")"))
+                     f"({stats['read']} read" + (f"; dropped {dropped})" if dropped else ")") +
+                     _first_bad(stats))
+  n_bad, limit = sum(stats[k] for k in BAD_CAUSES), _max_bad_fraction(data_cfg)
+  if n_bad > limit * stats["read"]:
+    raise MixieError(
+        f"{_describe(data_cfg)}: {n_bad} of {stats['read']} records are unusable ({_causes(stats, BAD_CAUSES)}), "
+        f"more than data.max_bad_fraction={limit:g} of them{_first_bad(stats)}. Fix or remove those "
+        "records, or raise data.max_bad_fraction")
+
+
+def _causes(stats: dict[str, Any], keys) -> str:
+  return ", ".join(f"{stats[k]} {DROP_CAUSES[k]}" for k in keys if stats.get(k))
+
+
+def _first_bad(stats: dict[str, Any]) -> str:
+  fb = stats.get("first_bad")
+  return f"; the first is {fb['where']} ({DROP_CAUSES[fb['cause']]})" if fb else ""
+
+
+def corpus_report(data_cfg, stats: dict[str, Any]) -> str:
+  """One line: records read, kept (held out) and dropped by cause, and the first unusable record."""
+  dropped = sum(stats.get(k, 0) for k in DROP_CAUSES)
+  line = (f"{_describe(data_cfg)}: {stats['read']} records read, {stats['kept']} kept "
+          f"({stats['heldout']} held out"
+          f"{', stopped at data.max_docs' if stats.get('max_docs_reached') else ''}), ")
+  if not dropped:
+    return line + "none dropped"
+  return line + f"{dropped} dropped: {_causes(stats, DROP_CAUSES)}{_first_bad(stats)}"
 
 
 def load_corpus(data_cfg) -> Corpus:

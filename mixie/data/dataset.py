@@ -34,6 +34,7 @@ data_dir=f"{dir}/tfds", split="train")` / `tfds.builder_from_directory(...)`.
 from __future__ import annotations
 
 import array
+import contextlib
 import inspect
 import itertools
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -83,6 +84,15 @@ def _builder_class():
           }),
           disable_shuffling=True)  # record order = generation order (the side index relies on it)
 
+    # tfds announces every preparation ("Downloading and preparing dataset Unknown size...", "...
+    # downloaded and prepared to ...") with a print of its own; nothing is downloaded here, and mixie
+    # logs the step itself.
+    def _log_download_bytes(self):
+      pass
+
+    def _log_download_done(self):
+      pass
+
     def _split_generators(self, dl_manager):
       del dl_manager
       return {name: self._generate_examples(name, recs) for name, recs in self._split_records.items()}
@@ -98,6 +108,19 @@ def _builder_class():
         yield i, {"tokens": tokens.astype(np.int32), "topic": np.int32(topic), "doc_id": did}
 
   return MixieClustered
+
+
+@contextlib.contextmanager
+def _tfds_bars_off():
+  """tfds's own progress bars (generating, shuffling, writing) off while it writes a local dataset, so
+  that they do not interleave with mixie's own; the previous setting is restored after."""
+  tfds = _tfds()
+  was = getattr(tfds.core.utils.tqdm_utils, "_active", True)  # tfds keeps the switch in this module
+  tfds.display_progress_bar(False)
+  try:
+    yield
+  finally:
+    tfds.display_progress_bar(was)
 
 
 def tfds_dir(out_dir) -> Any:
@@ -166,7 +189,8 @@ def write_dataset(out_dir, split_records: Mapping[str, Iterable[dict]], *, num_t
   builder = _builder_class()(split_records=nonempty, on_record=on_record,
                              data_dir=str(d / "tfds"), file_format="array_record")
   try:
-    builder.download_and_prepare(download_dir=str(d / "tfds" / "downloads"), download_config=dl_cfg)
+    with _tfds_bars_off():
+      builder.download_and_prepare(download_dir=str(d / "tfds" / "downloads"), download_config=dl_cfg)
   except BaseException:
     if (d / "tfds").exists():
       (d / "tfds").rmtree()

@@ -6,8 +6,9 @@ change a route. `prefix_routes` cuts the P-token prefix before anything else see
 embedder gets the decoded prefix (`mixie.route.router.embed_queries`), nothing more.
 
 Rows of the table (each scored on the same documents and tokens):
-- `base`: the frozen base; `lora_all`: the one-LoRA-on-all-data baseline (when trained); `full`: the
-  continued pre-training baseline (when trained);
+- `base`: the frozen base; `lora_all`: the one-LoRA-on-all-data baseline (when trained);
+  `lora_all_wide`: the same at rank E·r (when trained); `full`: the continued pre-training baseline
+  (when trained);
 - `centroid`, `knn`, `topk` (`eval.route_modes`): the routed experts; `topk` mixes its k experts'
   next-token distributions with the router's weights, in probability space;
 - `oracle`: each document's own topic's expert (the clustering's assignment: the routing loss is the
@@ -15,7 +16,7 @@ Rows of the table (each scored on the same documents and tokens):
 A document whose expert does not exist (a skipped small topic) is scored by the base. Columns:
 token-weighted perplexity over all documents and per topic (the document's topic in the clustered
 dataset), and routing accuracy: the fraction of documents whose (top-1) routed expert is their own
-topic's expert.
+topic's expert. Every row also states its training tokens and FLOPs (`mixie.compute`; `results["compute"]`).
 
 Scoring runs once per distinct (document, expert) pair over all rows and all P: the per-token
 log-likelihoods of `mixie.evaluate.ppl.pair_logprobs` (a jitted, vmapped mixed-expert forward, one
@@ -26,14 +27,17 @@ Outputs, each written atomically:
     workdir/eval/results.json   the tables (one per P) and the settings they were made with
     workdir/eval/per_doc.npz    per document: id, topic, own expert, and for every P and row the summed
                                 NLL, the tokens scored and (routed rows) the experts and weights
-    workdir/eval/ppl.png        perplexity per row vs P, and per topic at the largest P
+    workdir/eval/perplexity.png, prefix_effect.png
+                                per topic at the largest P, and against P relative to the base, with
+                                routing accuracy (`mixie.evaluate.plots`, which the notebooks draw too)
+    workdir/eval/coverage.json, coverage.png
+                                coverage vs perplexity with a fallback model, the threshold calibrated
+                                on training documents (`mixie.evaluate.coverage`)
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import io
 import time
 from typing import Any, Callable, Sequence
 
@@ -41,15 +45,27 @@ import jax
 import numpy as np
 
 from mixie import io as mio
+from mixie.cluster.embed import load_embedder
+from mixie.cluster.topics import dataset_dir, load_topics, topics_dir
+from mixie.compute import format_flops, row_compute
+from mixie.data.dataset import open_dataset
 from mixie.errors import ConfigError, MixieError, check
+from mixie.evaluate import plots
+from mixie.evaluate.coverage import coverage_report
 from mixie.evaluate.ppl import (bucket, by_group, mixture_scores, pair_logprobs, perplexity,
                                 row_sharding_of)
-from mixie.route.router import RouteResult, RouterConfig, embed_queries
+from mixie.model.checkpoint import fingerprint
+from mixie.model.load import load_base
+from mixie.route.fallback import FallbackConfig
+from mixie.route.router import MODES, RouteResult, RouterConfig, embed_queries
+from mixie.route.run import build_routers, expert_of_topic
+from mixie.serve.cache import ExpertCache
+from mixie.store import load_tree, run_store
+from mixie.train import divergence
 
-ROUTED_MODES = ("centroid", "knn", "topk")
+ROUTED_MODES = tuple(m for m in MODES if m != "oracle")  # what a router chooses alone (oracle is a row)
 RESULTS_JSON = "results.json"
 PER_DOC_NPZ = "per_doc.npz"
-PLOT_PNG = "ppl.png"
 
 
 def eval_dir(workdir):
@@ -89,6 +105,7 @@ def validate_eval_config(config) -> None:
     raise ConfigError(f"eval.prefix_tokens: the largest P ({ps[-1]}) leaves no token to score in "
                       f"rows of dataset.seq_len={T} tokens (need P + 2 <= seq_len)")
   RouterConfig.from_config(config)  # route.* (knn_k, topk, temperature, search)
+  FallbackConfig.from_config(config)  # route.fallback, confidence, calibrate* (the coverage curve)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -109,9 +126,6 @@ class HeldOut:
 def heldout_set(config, min_tokens: int) -> HeldOut:
   """The held-out split (a fixed-seed subset of `eval.max_docs` when > 0), keeping documents with at
   least `min_tokens` tokens."""
-  from mixie.cluster.topics import dataset_dir
-  from mixie.data.dataset import open_dataset
-
   src = open_dataset(dataset_dir(config.workdir), "heldout")
   idx = np.arange(len(src))
   k = int(config.eval.max_docs)
@@ -142,19 +156,6 @@ def prefix_routes(routers: dict, embedder, tokenizer, tokens: Sequence[Sequence[
   return out
 
 
-def make_routers(config, store, modes: Sequence[str]) -> dict:
-  """One router per routed mode over the run's topics (knn: over the training documents)."""
-  from mixie.route.run import build_router
-
-  if not modes:
-    return {}
-  c = copy.deepcopy(config)
-  with c.unlocked():
-    c.route.mode = "knn" if "knn" in modes else modes[0]
-  first = build_router(c, store)
-  return {m: first if m == first.cfg.mode else first.with_config(mode=m) for m in modes}
-
-
 # ---------------------------------------------------------------------------------------------------
 # Models: the experts, the baselines.
 
@@ -168,10 +169,8 @@ class _Experts:
     self.lora, self.fp = lora, fp
 
   def __call__(self, key: int):
-    from mixie.serve.server import load_matching
-
     st, topic = (self.lora_all, 0) if key == self.key_all else (self.store, key)
-    return load_matching(st, topic, self.fp, self.lora)
+    return st.load(topic, self.fp, self.lora)[0]
 
 
 def _replicated_like(params):
@@ -184,8 +183,6 @@ def _replicated_like(params):
 
 def load_full(workdir, params, fp: str):
   """The continued-pre-training base of the run (placed like `params`), or None when not trained."""
-  from mixie.store import load_tree
-
   d = mio.path(workdir) / "full"
   if not (d / "meta.json").exists():
     return None
@@ -220,29 +217,20 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
       its own); else loaded from `config.model`.
     fp: the base's fingerprint when known.
   """
-  from mixie.cluster.embed import load_embedder
-  from mixie.cluster.topics import load_topics, topics_dir
-  from mixie.model.checkpoint import fingerprint
-  from mixie.route.run import expert_of_topic
-  from mixie.serve.cache import ExpertCache
-  from mixie.serve.server import lora_from_store
-  from mixie.store import ExpertStore
-
   t_start = time.time()
   validate_eval_config(config)
   ps = prefix_lengths(config)
   modes = tuple(config.eval.route_modes)
   wd = mio.path(config.workdir)
-  store = ExpertStore(wd / "experts")
+  store = run_store(wd)
   check(bool(store.topics()), f"{store.dir}: no trained experts; run `python -m mixie.train "
                               "--config=...` first")
   topics = load_topics(wd)
   K = topics.num_topics
   eot_k = expert_of_topic(store, K)
   all_key = max([K] + [t + 1 for t in store.topics()])  # lora_all's key: above every expert id (imports)
-  lora = lora_from_store(store)
+  lora = store.lora()
   if loaded is None:
-    from mixie.model.load import load_base
     loaded = load_base(config.model, seed=int(config.seed))
   cfg, params, tokenizer = loaded
   check(tokenizer is not None, "model: the base has no tokenizer; evaluation needs one")
@@ -260,18 +248,21 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
   oracle_n = eot_k[held.topic_n]
 
   # routes for every P (the embedder and the router see the first P tokens only)
-  routers = make_routers(config, store, modes)
+  routers = build_routers(config, store, modes)
   embedder = load_embedder(topics_dir(wd) / "embedder", base=(cfg, params, tokenizer),
                            batch=int(config.cluster.embed_batch))
   routes = {p: prefix_routes(routers, embedder, tokenizer, held.tokens, p, oracle_n) for p in ps}
 
   # every row as (model, expert keys [n, g], weights [n, g]); key -1: the base, all_key: lora_all
-  lora_all_store = ExpertStore(wd / "lora_all")
+  lora_all_store = run_store(wd, "lora_all")
   full = load_full(wd, params, fp)
   ones = np.ones((n, 1), np.float32)
   fixed = {"base": ("base", np.full((n, 1), -1, np.int64), ones)}
   if 0 in lora_all_store:
     fixed["lora_all"] = ("base", np.full((n, 1), all_key, np.int64), ones)
+  wide_store = run_store(wd, "lora_all_wide")  # its own rank: scored through its own cache
+  if 0 in wide_store:
+    fixed["lora_all_wide"] = ("wide", np.zeros((n, 1), np.int64), ones)
   if full is not None:
     fixed["full"] = ("full", np.full((n, 1), -1, np.int64), ones)
   rows = list(fixed) + list(modes) + ["oracle"]
@@ -285,18 +276,23 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
   # distinct (document, expert) pairs per model, scored once
   cache = ExpertCache(cfg, lora, _Experts(store, lora_all_store, all_key, lora, fp), int(config.eval.batch),
                       sharding=_replicated_like(params))
+  caches = {"base": cache, "full": cache}
+  if "lora_all_wide" in fixed:
+    wide = wide_store.lora()
+    caches["wide"] = ExpertCache(cfg, wide, lambda key: wide_store.load(0, fp, wide)[0],
+                                 int(config.eval.batch), sharding=_replicated_like(params))
   doc_ng = lambda g: np.repeat(np.arange(n)[:, None], g, axis=1)
   lp, index = {}, {}
   t0 = time.time()
   n_pairs = 0
-  for model, mparams in (("base", params), ("full", full)):
+  for model, mparams in (("base", params), ("full", full), ("wide", params if "wide" in caches else None)):
     if mparams is None:
       continue
     specs = [s for s in (row_spec(r, p) for r in rows for p in ps) if s[0] == model]
     codes = np.unique(np.concatenate([(doc_ng(k.shape[1]) * (all_key + 2) + k + 1).ravel()
                                       for _, k, _ in specs]))
-    lp[model] = pair_logprobs(mparams, cache, seqs, codes // (all_key + 2), codes % (all_key + 2) - 1,
-                              cfg=cfg, lora_scale=lora.scale, batch=int(config.eval.batch), length=length,
+    lp[model] = pair_logprobs(mparams, caches[model], seqs, codes // (all_key + 2), codes % (all_key + 2) - 1,
+                              cfg=cfg, lora_scale=caches[model].lora.scale, batch=int(config.eval.batch), length=length,
                               row_sharding=row_sharding_of(mparams, int(config.eval.batch)),
                               progress=progress)
     index[model] = codes
@@ -336,19 +332,25 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
     tab["docs_per_topic"] = {str(t): int((held.topic_n == t).sum()) for t in topic_ids}
     by_prefix[str(p)] = tab
 
+  coverage = coverage_report(config, eval_dir(wd), routers=routers, embedder=embedder, tokenizer=tokenizer,
+                             routes=routes, per_doc=per_doc, fallbacks=[r for r in ("base", "lora_all")
+                                                                        if r in fixed], log=log)
   results = {
-      "prefix_tokens": list(ps), "rows": rows, "topics": topic_ids, "docs": n,
+      "coverage": coverage, "prefix_tokens": list(ps), "rows": rows, "topics": topic_ids, "docs": n,
       "heldout_docs": held.total, "docs_too_short": held.too_short, "max_len": max_len,
       "expert_of_topic": {str(t): int(e) for t, e in enumerate(eot_k)},
       "by_prefix": by_prefix,
       "route": {**RouterConfig.from_config(config).to_json(), "modes": list(modes)},
       "lora": {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)},
+      "compute": row_compute(wd, rows, cfg, int(config.dataset.seq_len)),
       "base_fingerprint": fp, "pairs_scored": int(n_pairs), "scoring_seconds": round(score_s, 1),
       "seconds": round(time.time() - t_start, 1),
+      "diverged": divergence.load(wd),  # experts that diverged in training (marked in the table)
   }
   out = eval_dir(wd)
   mio.save_arrays(out / PER_DOC_NPZ, per_doc)
-  mio.atomic_write_bytes(out / PLOT_PNG, plot_png(results))
+  plots.plot_perplexity(results, save_dir=out)
+  plots.plot_prefix_effect(results, save_dir=out)
   mio.atomic_write_json(out / RESULTS_JSON, results)
   log(f"mixie.evaluate: {n} held-out documents ({held.too_short} with <= {ps[-1]} tokens left out"
       f"{f', a subset of {held.total}' if held.total > n + held.too_short else ''}), {n_pairs} "
@@ -357,63 +359,36 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
 
 
 # ---------------------------------------------------------------------------------------------------
-# Text and plot.
+# Text.
 
 
 def format_table(results: dict[str, Any]) -> str:
   """The tables (one per P) as aligned text."""
   topics = [str(t) for t in results["topics"]]
+  bad_rows, bad_topics, footnote = divergence.table_marks(results)  # diverged in training: marked
+  mark = lambda name, bad: name + (divergence.MARK if bad else "")  # noqa: E731
 
   def line(label, overall, per_topic, acc=""):
-    return f"{label:<10}{overall:>10}" + "".join(f"{v:>10}" for v in per_topic) + f"{acc:>7}"
+    return f"{label:<14}{overall:>10}" + "".join(f"{v:>10}" for v in per_topic) + f"{acc:>7}"
 
   lines = ["held-out perplexity on the tokens after the first P (the router sees only those P; "
            "oracle = each document's own topic's expert; acc = routed to that expert)"]
   for p in results["prefix_tokens"]:
     tab = results["by_prefix"][str(p)]
-    head = line(f"P={p}", "overall", [f"topic {t}" for t in topics], "acc")
+    head = line(f"P={p}", "overall", [mark(f"topic {t}", t in bad_topics) for t in topics], "acc")
     lines += ["", head, "-" * len(head),
               line("docs", results["docs"], [tab["docs_per_topic"][t] for t in topics]),
               line("tokens", tab["tokens"], [tab["tokens_per_topic"][t] for t in topics])]
     for row in results["rows"]:
       acc = tab["routing_accuracy"][row]
       ppl = [f"{tab['ppl_per_topic'][row][t]:.3f}" for t in topics]
-      lines.append(line(row, f"{tab['ppl'][row]:.3f}", ppl, "-" if acc is None else f"{acc:.3f}"))
-  return "\n".join(lines)
-
-
-def plot_png(results: dict[str, Any]) -> bytes:
-  """PNG bytes: overall perplexity per row vs P (left), per topic at the largest P (right)."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
-  ps, rows, topics = results["prefix_tokens"], results["rows"], [str(t) for t in results["topics"]]
-  fig = Figure(figsize=(13, 4.8), layout="constrained")
-  FigureCanvasAgg(fig)
-  ax1, ax2 = fig.subplots(1, 2, width_ratios=[1, 2])
-  for row in rows:
-    ax1.plot(ps, [results["by_prefix"][str(p)]["ppl"][row] for p in ps], marker="o", label=row)
-  ax1.set_xlabel("routing prefix P (tokens)")
-  ax1.set_ylabel("held-out perplexity after P")
-  ax1.set_xticks(ps)
-  ax1.set_title("overall (token-weighted)")
-  ax1.legend(fontsize=8)
-  tab = results["by_prefix"][str(ps[-1])]
-  width = 0.8 / len(rows)
-  x = np.arange(len(topics))
-  vals = []
-  for i, row in enumerate(rows):
-    v = [tab["ppl_per_topic"][row][t] for t in topics]
-    vals += v
-    ax2.bar(x + (i - (len(rows) - 1) / 2) * width, v, width, label=row)
-  finite = [v for v in vals if np.isfinite(v)]
-  if finite:
-    lo, hi = min(finite), max(finite)
-    ax2.set_ylim(max(0.0, lo - 0.15 * (hi - lo + 1e-9)), hi + 0.05 * (hi - lo + 1e-9))
-  ax2.set_xticks(x, [f"topic {t}\n({tab['docs_per_topic'][t]} docs)" for t in topics], fontsize=8)
-  ax2.set_ylabel("perplexity (axis not from 0)")
-  ax2.set_title(f"per topic, P = {ps[-1]}")
-  ax2.legend(fontsize=8, ncols=min(len(rows), 4))
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110)
-  return buf.getvalue()
+      lines.append(line(mark(row, row in bad_rows), f"{tab['ppl'][row]:.3f}", ppl,
+                        "-" if acc is None else f"{acc:.3f}"))
+  if results.get("compute"):
+    lines += ["", "training compute (mixie.compute: tokens trained on, model FLOPs)",
+              f"{'row':<14}{'tokens':>14}{'FLOPs':>12}"]
+    for row in results["rows"]:
+      c = results["compute"].get(row, {})
+      tok = "-" if c.get("tokens") is None else str(c["tokens"])
+      lines.append(f"{row:<14}{tok:>14}{format_flops(c.get('flops')):>12}")
+  return "\n".join(lines + ([footnote] if footnote else []))

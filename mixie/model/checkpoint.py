@@ -231,6 +231,31 @@ def _read_block(source: Source, leaf: _Leaf, idx: tuple[slice, ...], dt) -> np.n
   return out
 
 
+def _checked_hf(directory: pathlib.Path, **overrides) -> tuple[LlamaConfig, dict[str, _Leaf], Source]:
+  """An HF directory's config, leaf specs and tensor source, validated from the headers."""
+  cfg = hf_config(directory, **overrides)
+  fam = families.get(cfg.family)
+  source = SafetensorsSource(directory)
+  specs = _leaf_specs(cfg, dict(fam.hf_tensors))
+  # a tied checkpoint may still store its LM head (the embedding's copy)
+  _validate(cfg, specs, source, fam.hf_ignored + ((fam.hf_tensors["lm_head"],) if cfg.tie_embeddings else ()))
+  return cfg, specs, source
+
+
+def _checked_gguf(path: pathlib.Path, reader=None, **overrides
+                  ) -> tuple[LlamaConfig, dict[str, _Leaf], Source]:
+  """A GGUF file's config, leaf specs and tensor source, validated from the headers."""
+  reader = reader if reader is not None else open_gguf(path)
+  cfg = gguf_config(reader, path, **overrides)
+  names = dict(families.get(cfg.family).gguf_tensors)
+  heads = {names[p].format(i=i): n for p, n in (("q", cfg.n_heads), ("k", cfg.n_kv_heads))
+           for i in range(cfg.n_layers)}
+  source = GGUFSource(reader, path, heads)
+  specs = _leaf_specs(cfg, names)
+  _validate(cfg, specs, source)
+  return cfg, specs, source
+
+
 # ---------------------------------------------------------------------------------------------------
 # Public API.
 
@@ -251,13 +276,8 @@ def load_hf(path: PathLike, *, dtype: str = "float32", param_dtype: str = "float
     `(cfg, params)`; raises `MixieError` (naming the file and tensor) before building anything if the
     checkpoint is incomplete or inconsistent.
   """
-  directory = pathlib.Path(path)
-  cfg = hf_config(directory, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
-  fam = families.get(cfg.family)
-  source = SafetensorsSource(directory)
-  specs = _leaf_specs(cfg, dict(fam.hf_tensors))
-  # a tied checkpoint may still store its LM head (the embedding's copy)
-  _validate(cfg, specs, source, fam.hf_ignored + ((fam.hf_tensors["lm_head"],) if cfg.tie_embeddings else ()))
+  cfg, specs, source = _checked_hf(pathlib.Path(path), dtype=dtype, param_dtype=param_dtype,
+                                   attention_impl=attention_impl)
   return cfg, _build(cfg, specs, source, shardings)
 
 
@@ -269,16 +289,21 @@ def load_gguf(path: PathLike, *, dtype: str = "float32", param_dtype: str = "flo
 
   Same arguments as `load_hf`; `reader` may pass an already opened `open_gguf(path)`.
   """
-  path = pathlib.Path(path)
-  reader = reader if reader is not None else open_gguf(path)
-  cfg = gguf_config(reader, path, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
-  names = dict(families.get(cfg.family).gguf_tensors)
-  heads = {names[p].format(i=i): n for p, n in (("q", cfg.n_heads), ("k", cfg.n_kv_heads))
-           for i in range(cfg.n_layers)}
-  source = GGUFSource(reader, path, heads)
-  specs = _leaf_specs(cfg, names)
-  _validate(cfg, specs, source)
+  cfg, specs, source = _checked_gguf(pathlib.Path(path), reader, dtype=dtype, param_dtype=param_dtype,
+                                     attention_impl=attention_impl)
   return cfg, _build(cfg, specs, source, shardings)
+
+
+def check_headers(source: str, path: PathLike) -> LlamaConfig:
+  """Validates a checkpoint from its headers and metadata alone (no weight is read): the architecture
+  is supported and every tensor the base needs is there with its shape, inside its file. `source` is
+  "hf" (a directory) or "gguf" (a file). The same checks `load_hf` / `load_gguf` run before reading;
+  `MixieError` naming the file and field or tensor. Returns the checkpoint's config."""
+  if source == "gguf":
+    return _checked_gguf(pathlib.Path(path))[0]
+  if source == "hf":
+    return _checked_hf(pathlib.Path(path))[0]
+  raise MixieError(f"checkpoint source {source!r} has no headers to check (expected 'hf' or 'gguf')")
 
 
 def hf_tensors(cfg: LlamaConfig, params: Params) -> dict[str, np.ndarray]:

@@ -14,13 +14,12 @@ import pathlib
 import jax
 
 from mixie import assets
+from mixie.dtypes import DTYPES as _DTYPES  # the one list of dtypes
 from mixie.errors import ConfigError, MixieError
 from mixie.model import checkpoint
 from mixie.model.llama import PRESETS, LlamaConfig, Params, init_params, param_axes
 from mixie.model.tokenizer import Tokenizer
 from mixie.sharding import tree_shardings
-
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _numerics(mc) -> dict:

@@ -12,6 +12,18 @@ arrays (npz, no pickle) and settings (JSON) and rebuilds its ScaNN index on load
 
 Queries are embedded by the topics' embedder from their first `route_tokens` tokens only
 (`prefix_texts` makes the cut explicit): nothing after the prefix can change a route.
+
+Every `RouteResult` carries confidences, whatever the mode (`mixie.route.fallback` thresholds them):
+- `distance`: Euclidean distance from the query to its nearest centroid (in the search's space: unit
+  vectors under the cosine metric, where distance^2 = 2 - 2 cos);
+- `margin`: distance to the nearest centroid served by another expert (or by the base) minus
+  `distance`; +inf when every centroid has the same expert. Centroids of topics merged into one
+  expert are not competitors, so the search looks one centroid past the largest such group;
+- `vote_share`: in `knn` mode, the winning topic's share of the votes (one vote each, or the
+  exp(-d^2/T) weights); NaN in the other modes (a kNN search over all training documents costs far
+  more than the centroid search those modes make, so it is not run for a confidence).
+`distance` and `margin` describe the query's place among the centroids, also in `knn` and `oracle`
+modes (one more search over the centroids, cheap next to the document search).
 """
 
 from __future__ import annotations
@@ -76,13 +88,34 @@ class RouterConfig:
     return cls(**d)
 
 
+CONFIDENCES = ("margin", "distance", "vote")
+
+
 @dataclasses.dataclass
 class RouteResult:
   """Routes of n queries: `expert_ids [n, k]` (int32; -1 = no expert, the base) and `weights [n, k]`
-  (float32, rows sum to 1). k = 1 except in `topk` mode."""
+  (float32, rows sum to 1). k = 1 except in `topk` mode. Confidences `[n]` (float32, see the module
+  docstring): `distance`, `margin`, `vote_share`; NaN where not known (left out: all NaN)."""
 
   expert_ids: np.ndarray
   weights: np.ndarray
+  distance: np.ndarray | None = None
+  margin: np.ndarray | None = None
+  vote_share: np.ndarray | None = None
+
+  def __post_init__(self):
+    n = len(self.expert_ids)
+    for f in ("distance", "margin", "vote_share"):
+      v = getattr(self, f)
+      setattr(self, f, np.full((n,), np.nan, np.float32) if v is None else
+              np.asarray(v, np.float32).reshape(n))
+
+  def confidence(self, kind: str) -> np.ndarray:
+    """The confidence `[n]` thresholded by `route.confidence`, higher = surer: "margin" the margin,
+    "distance" minus the distance, "vote" the vote share."""
+    check(kind in CONFIDENCES, f"route.confidence must be one of {CONFIDENCES}, got {kind!r}",
+          ConfigError)
+    return {"margin": self.margin, "distance": -self.distance, "vote": self.vote_share}[kind]
 
   @property
   def top1(self) -> np.ndarray:
@@ -104,9 +137,15 @@ def vote(topics_nk: np.ndarray, d2_nk: np.ndarray, n_topics: int, how: str = "ma
   "majority": one vote per neighbour; "weighted": exp(-d^2/T) per neighbour. Ties go to the topic
   whose first voter is nearest.
   """
+  return vote_with_share(topics_nk, d2_nk, n_topics, how, temperature)[0]
+
+
+def vote_with_share(topics_nk: np.ndarray, d2_nk: np.ndarray, n_topics: int, how: str = "majority",
+                    temperature: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+  """`vote`'s winning topic `[n]` and its share of the votes `[n]` (float32, in (0, 1])."""
   n, k = topics_nk.shape
   if n == 0:
-    return np.zeros((0,), np.int64)
+    return np.zeros((0,), np.int64), np.zeros((0,), np.float32)
   rows = np.repeat(np.arange(n), k)
   flat = topics_nk.reshape(-1)
   w = np.ones(n * k) if how == "majority" else np.exp(-(d2_nk.reshape(-1) - d2_nk.min(axis=1).repeat(k))
@@ -117,7 +156,20 @@ def vote(topics_nk: np.ndarray, d2_nk: np.ndarray, n_topics: int, how: str = "ma
   np.minimum.at(first, (rows, flat), np.tile(np.arange(k), n))
   best = score.max(axis=1, keepdims=True)
   tied = np.isclose(score, best, rtol=1e-9, atol=0.0) & (score > 0)
-  return np.argmin(np.where(tied, first, k + 1), axis=1)
+  win = np.argmin(np.where(tied, first, k + 1), axis=1)
+  return win, (score[np.arange(n), win] / score.sum(axis=1)).astype(np.float32)
+
+
+def nearest_other(ids_nm: np.ndarray, d2_nm: np.ndarray, expert_of_topic_k: np.ndarray):
+  """Confidences from the m nearest centroids of each query (nearest first): the distance to the
+  nearest `[n]` and the margin `[n]` to the nearest one of another expert (+inf when none is among
+  the m)."""
+  d_nm = np.sqrt(np.maximum(d2_nm, 0.0))
+  e_nm = expert_of_topic_k[ids_nm]
+  other_nm = e_nm != e_nm[:, :1]
+  j = np.argmax(other_nm, axis=1)
+  margin = np.where(other_nm.any(axis=1), d_nm[np.arange(len(j)), j] - d_nm[:, 0], np.inf)
+  return d_nm[:, 0].astype(np.float32), margin.astype(np.float32)
 
 
 class Router:
@@ -154,8 +206,10 @@ class Router:
             f"{self.doc_emb.shape[1]}, centroids {self.dim}")
       check(self.doc_topics.size == 0 or (self.doc_topics.min() >= 0 and self.doc_topics.max() < k),
             f"router: document topics must lie in [0, {k})")
+    # enough neighbours for the margin: one past the largest group of centroids sharing an expert
+    self.n_confidence = int(min(k, np.unique(self.expert_of_topic, return_counts=True)[1].max() + 1))
     n_nb = cfg.topk if cfg.mode == "topk" else 1
-    self.centroid_index = Index(self.centroids, n_nb, cfg.search)
+    self.centroid_index = Index(self.centroids, max(n_nb, self.n_confidence), cfg.search)
     self.doc_index = None
     if cfg.mode == "knn":
       self.doc_index = Index(self.doc_emb, cfg.knn_k, cfg.search)
@@ -181,28 +235,40 @@ class Router:
 
   def route_topics(self, query_nd: np.ndarray, topics_n: Sequence[int] | None = None):
     """Topic ids `[n, k]` and weights `[n, k]` (before mapping topics to experts)."""
+    t, w, _ = self._route(query_nd, topics_n)
+    return t, w
+
+  def _route(self, query_nd, topics_n):
+    """Topic ids `[n, k]`, weights `[n, k]` and the confidences `(distance, margin, vote_share)`."""
     mode = self.cfg.mode
     q = np.asarray(query_nd, np.float32)
+    ids, d2 = self.centroid_index.search(q, max(self.n_confidence, self.cfg.topk if mode == "topk"
+                                                else 1))
+    distance, margin = nearest_other(ids, d2, self.expert_of_topic)
+    share = None
     if mode == "oracle":
       check(topics_n is not None, "route.mode=oracle needs each query's topic (evaluation only)")
       t = np.asarray(topics_n, np.int64).reshape(-1, 1)
       check(t.size == 0 or (t.min() >= 0 and t.max() < self.n_topics),
             f"oracle topics must lie in [0, {self.n_topics})")
-      return t, np.ones(t.shape, np.float32)
-    if mode == "centroid":
-      ids, _ = self.centroid_index.search(q, 1)
-      return ids, np.ones(ids.shape, np.float32)
-    if mode == "topk":
-      ids, d2 = self.centroid_index.search(q, self.cfg.topk)
-      return ids, _softmax_neg(d2, self.cfg.temperature)
-    ids, d2 = self.doc_index.search(q, self.cfg.knn_k)
-    t = vote(self.doc_topics[ids], d2, self.n_topics, self.cfg.knn_vote, self.cfg.temperature)
-    return t[:, None], np.ones((t.shape[0], 1), np.float32)
+      w = np.ones(t.shape, np.float32)
+    elif mode == "centroid":
+      t, w = ids[:, :1], np.ones((ids.shape[0], 1), np.float32)
+    elif mode == "topk":
+      t, w = ids[:, :self.cfg.topk], _softmax_neg(d2[:, :self.cfg.topk], self.cfg.temperature)
+    else:
+      nb, nb_d2 = self.doc_index.search(q, self.cfg.knn_k)
+      win, share = vote_with_share(self.doc_topics[nb], nb_d2, self.n_topics, self.cfg.knn_vote,
+                                   self.cfg.temperature)
+      t, w = win[:, None], np.ones((win.shape[0], 1), np.float32)
+    return t, w, (distance, margin, share)
 
   def route(self, query_nd: np.ndarray, topics_n: Sequence[int] | None = None) -> RouteResult:
-    """Routes query embeddings `[n, d]` (`topics_n`: each query's own topic, for `oracle` only)."""
-    t, w = self.route_topics(query_nd, topics_n)
-    return RouteResult(expert_ids=self.expert_of_topic[t].astype(np.int32), weights=w)
+    """Routes query embeddings `[n, d]` (`topics_n`: each query's own topic, for `oracle` only), with
+    their confidences."""
+    t, w, (distance, margin, share) = self._route(query_nd, topics_n)
+    return RouteResult(expert_ids=self.expert_of_topic[t].astype(np.int32), weights=w,
+                       distance=distance, margin=margin, vote_share=share)
 
   def route_queries(self, embedder, tokenizer, *, texts: Sequence[str] | None = None,
                     token_ids: Sequence[Sequence[int]] | None = None,

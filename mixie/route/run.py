@@ -1,22 +1,34 @@
-"""The router of a run: built from `workdir/topics` and the expert store, saved in `workdir/router`.
+"""The router of a run, for every mode: the one builder that generation, evaluation, export and the
+analysis notebooks use.
 
     workdir/router/router.npz    centroids, expert_of_topic (and document embeddings + topics for knn)
     workdir/router/router.json   the routing settings it was built with
 
-Topic t is served by the expert stored for t, or by the expert it was merged into (a small topic's
-`merged_topics` in that expert's metadata); a topic with neither is served by the base (-1). Store
-experts beyond the clustered topics (brought in by `python -m mixie.import`) get one router row each,
-their metadata's centroid, after the clustered topics' rows (`knn` votes with training documents, which
-they have none of: they are reached in `centroid` and `topk` modes).
+Rows: one per clustered topic (`workdir/topics`), served by the expert stored for it or by the expert it
+was merged into (a small topic's `merged_topics` in that expert's metadata), else by the base (-1);
+then one per store expert beyond the clustered topics that carries a routing centroid (brought in by
+`python -m mixie.experts import`). `knn` votes with the run's training documents, which imported experts
+have none of: they are reached in `centroid` and `topk` modes. A work directory without topics (an
+imports-only store) gets a router over the store's centroids alone.
+
+- `build_router(config, store, mode=)`: the router of `route.mode` (or `mode`);
+- `build_routers(config, store, modes)`: one per mode, sharing one build (evaluation);
+- `load_router(config, store)`: the saved router when it was built with the same settings and rows, else
+  a fresh one, saved (generation).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Mapping, Sequence
+
 import numpy as np
 
 from mixie import io as mio
-from mixie.errors import MixieError, check
+from mixie.cluster.topics import load_embeddings, load_topics, topics_complete
+from mixie.errors import ConfigError, MixieError, check
 from mixie.route.router import ROUTER_JSON, Router, RouterConfig
+from mixie.store import ExpertMeta, ExpertStore, run_store
 
 
 def router_dir(workdir):
@@ -24,27 +36,30 @@ def router_dir(workdir):
   return mio.path(workdir) / "router"
 
 
-def expert_of_topic(store, n_topics: int) -> np.ndarray:
-  """Expert id of each topic `[k]` from an `ExpertStore`'s entries (-1: no expert, the base)."""
+def expert_of_topic(store: ExpertStore, n_topics: int,
+                    metas: Mapping[int, ExpertMeta] | None = None) -> np.ndarray:
+  """Expert id of each clustered topic `[k]` from the store's entries (-1: no expert, the base)."""
+  metas = store.metas() if metas is None else metas
   out = np.full((n_topics,), -1, np.int32)
-  for t in store.topics():
+  for t, m in metas.items():
     if 0 <= t < n_topics:
       out[t] = t
-      for k in store.meta(t).get("merged_topics", []):
-        if 0 <= int(k) < n_topics and out[int(k)] < 0:
-          out[int(k)] = t
+      for k in m.merged_topics or ():
+        if 0 <= k < n_topics and out[k] < 0:
+          out[k] = t
   return out
 
 
-def imported_experts(store, n_topics: int, dim: int) -> tuple[list[int], np.ndarray]:
+def imported_experts(store: ExpertStore, n_topics: int, dim: int,
+                     metas: Mapping[int, ExpertMeta] | None = None) -> tuple[list[int], np.ndarray]:
   """Store experts beyond the `n_topics` clustered topics that carry a routing centroid (imported):
-  their topic ids and centroids `[m, dim]`."""
+  their ids and centroids `[m, dim]`."""
+  metas = store.metas() if metas is None else metas
   ids, rows = [], []
-  for t in store.topics():
-    c = store.meta(t).get("centroid") if t >= n_topics else None
-    if c is None:
+  for t, m in metas.items():
+    if t < n_topics or m.centroid is None:
       continue  # a clustered topic, or no centroid: reachable by the oracle only
-    c = np.asarray(c, np.float32)
+    c = np.asarray(m.centroid, np.float32)
     check(c.shape == (dim,), f"{store.entry_dir(t)}: centroid has shape {c.shape}, the router's "
                              f"embedding space has dimension {dim}")
     ids.append(t)
@@ -52,28 +67,47 @@ def imported_experts(store, n_topics: int, dim: int) -> tuple[list[int], np.ndar
   return ids, np.asarray(rows, np.float32).reshape(len(rows), dim)
 
 
-def routed_experts(store, n_topics: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+def routed_experts(store: ExpertStore, n_topics: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
   """Expert id of every router row `[n_topics + m]` (the clustered topics' by `expert_of_topic`, then
   the imported ones) and the imported experts' centroids `[m, dim]`; each expert's metadata read once."""
-  ids, centroids_md = imported_experts(store, n_topics, dim)
-  return np.concatenate([expert_of_topic(store, n_topics), np.asarray(ids, np.int32)]), centroids_md
+  metas = store.metas()
+  ids, centroids_md = imported_experts(store, n_topics, dim, metas)
+  return np.concatenate([expert_of_topic(store, n_topics, metas), np.asarray(ids, np.int32)]), centroids_md
 
 
-def build_router(config, store=None) -> Router:
-  """A router from the run's topics (and, for knn, its training document embeddings)."""
-  from mixie.cluster.topics import load_embeddings, load_topics
-
+def router_config(config, mode: str | None = None) -> RouterConfig:
+  """The routing settings of `config` (`route.*`, `cluster.metric`), with `mode` for `route.mode`."""
   cfg = RouterConfig.from_config(config)
+  return cfg if mode is None else dataclasses.replace(cfg, mode=mode)
+
+
+def _store_router(store: ExpertStore, cfg: RouterConfig) -> Router:
+  """A router over the store's own centroids (a run with no clustered topics, e.g. imports only)."""
+  metas = {t: m for t, m in store.metas().items() if m.centroid is not None}
+  check(bool(metas), f"expert store {store.dir}: no expert has a routing centroid, and {store.dir.parent} "
+                     "has no topics to route with")
+  check(cfg.mode != "knn", f"route.mode=knn votes with the run's training documents, and "
+                           f"{store.dir.parent} has no topics: route with centroid or topk", ConfigError)
+  cents = np.stack([np.asarray(m.centroid, np.float32) for m in metas.values()])
+  return Router(cents, cfg, expert_of_topic_k=np.asarray(list(metas), np.int32))
+
+
+def build_router(config, store: ExpertStore | None = None, *, mode: str | None = None) -> Router:
+  """The router of the run in `config.workdir` (see the module docstring) for `route.mode`, or `mode`.
+
+  `store`: the run's expert store (default `workdir/experts`).
+  """
+  cfg = router_config(config, mode)
+  store = store if store is not None else run_store(config.workdir)
+  if not topics_complete(config.workdir):
+    return _store_router(store, cfg)
   topics = load_topics(config.workdir)
   if topics.metric != cfg.search.metric:
     raise MixieError(f"cluster.metric={cfg.search.metric!r} but the topics of {config.workdir} were "
                      f"clustered with {topics.metric!r}; route with the clustering metric")
   k, dim = topics.centroids_kd.shape
-  centroids = topics.centroids_kd
-  eot = np.arange(k, dtype=np.int32)
-  if store is not None:
-    eot, imported_md = routed_experts(store, k, dim)
-    centroids = np.concatenate([centroids, imported_md])
+  eot, imported_md = routed_experts(store, k, dim)
+  centroids = np.concatenate([topics.centroids_kd, imported_md])
   doc_emb = doc_topics = None
   if cfg.mode == "knn":
     emb = load_embeddings(config.workdir)
@@ -84,21 +118,28 @@ def build_router(config, store=None) -> Router:
   return Router(centroids, cfg, doc_emb_nd=doc_emb, doc_topics_n=doc_topics, expert_of_topic_k=eot)
 
 
-def load_router(config, store=None) -> Router:
-  """The saved router of the run when it was built with the same settings, else a fresh one (saved)."""
+def build_routers(config, store: ExpertStore | None, modes: Sequence[str]) -> dict[str, Router]:
+  """One router per mode of `modes` over the same rows, built once (with the training documents when
+  `knn` is among them)."""
+  if not modes:
+    return {}
+  first = build_router(config, store, mode="knn" if "knn" in modes else modes[0])
+  return {m: first if m == first.cfg.mode else first.with_config(mode=m) for m in modes}
+
+
+def load_router(config, store: ExpertStore | None = None) -> Router:
+  """The saved router of the run when it was built with the same settings and routes to the store's
+  current experts, else a fresh one (saved)."""
   d = router_dir(config.workdir)
-  want = RouterConfig.from_config(config)
-  if (d / ROUTER_JSON).exists():
+  store = store if store is not None else run_store(config.workdir)
+  want = router_config(config)
+  if (d / ROUTER_JSON).exists() and topics_complete(config.workdir):
     try:
       saved = RouterConfig.from_json(mio.read_json(d / ROUTER_JSON)["config"])
     except (MixieError, KeyError, TypeError):
       saved = None  # unreadable: rebuilt below
     if saved == want:
       router = Router.load(d)
-      if store is None:
-        return router
-      from mixie.cluster.topics import load_topics
-
       k = load_topics(config.workdir).num_topics
       if np.array_equal(router.expert_of_topic, routed_experts(store, k, router.dim)[0]):
         return router

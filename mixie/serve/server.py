@@ -10,56 +10,50 @@
 
 Batches are padded to power-of-two rows and prompt lengths to a multiple of `length_bucket`, so a
 server compiles a few shapes, not one per request.
+
+Fallback and log (both optional, set from a run's config by `mixie.serve.run.configure_server`): a prompt
+whose routing confidence is below the `policy`'s threshold is served by the fallback model (the base,
+or the all-data LoRA under the key `LORA_ALL_KEY`; `mixie.route.fallback`), and every prompt of a
+`generate` call is appended to the `request_log` (`mixie.serve.request_log`) once its tokens are back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixie.errors import ConfigError, MixieError, check
+from mixie.errors import ConfigError, check
+from mixie.model.checkpoint import fingerprint
 from mixie.model.llama import LlamaConfig
 from mixie.model.lora import LoraConfig
+from mixie.route.fallback import LORA_ALL_KEY, Policy, apply_fallback, fallback_expert
+from mixie.route.router import RouteResult, prefix_token_ids
 from mixie.serve.batched import gather_experts, generate_rows
 from mixie.serve.cache import ExpertCache
+from mixie.serve.request_log import RequestLog, request_records
 from mixie.store import ExpertStore
-
-
-def lora_from_store(store: ExpertStore) -> LoraConfig:
-  """The `LoraConfig` of the store's experts (from its first expert's metadata)."""
-  topics = store.topics()
-  check(bool(topics), f"expert store {store.dir} holds no experts; train them first "
-        "(python -m mixie.train) or pass lora=", ConfigError)
-  m = store.meta(topics[0])
-  return LoraConfig(rank=int(m["rank"]), alpha=float(m["alpha"]), targets=tuple(m["targets"]))
-
-
-def load_matching(store: ExpertStore, topic: int, fingerprint: str | None, lora: LoraConfig):
-  """The expert of `topic` from `store`, refused (`MixieError`) unless it was trained on the base of
-  `fingerprint` and has `lora`'s rank, alpha and targets: experts served or scored together share them."""
-  tree, meta = store.load(topic, fingerprint)
-  if (int(meta["rank"]), float(meta["alpha"]), tuple(meta["targets"])) != \
-      (lora.rank, float(lora.alpha), tuple(lora.targets)):
-    raise MixieError(f"{store.entry_dir(topic)}: expert of topic {topic} has rank {meta['rank']}, alpha "
-                     f"{meta['alpha']}, targets {meta['targets']}; the other experts have rank "
-                     f"{lora.rank}, alpha {lora.alpha}, targets {list(lora.targets)}")
-  return tree
 
 
 @dataclasses.dataclass
 class Result:
   """One prompt's answer: generated `text` and `tokens` (stop token excluded), its top-1 `expert`
-  (-1 = the base), all its `experts` with their weights, or the `error` that failed it."""
+  (-1 = the base), all its `experts` with their weights, or the `error` that failed it; `fallback`:
+  "" or the fallback model that served it ("base", "lora_all"; then `expert` is -1 and `experts`
+  empty); the route's `confidence` (distance, margin, vote_share) and `latency_ms` of its batch."""
 
   text: str = ""
   tokens: list[int] = dataclasses.field(default_factory=list)
   expert: int = -1
   error: str | None = None
   experts: tuple[tuple[int, float], ...] = ()
+  fallback: str = ""
+  confidence: dict[str, float] = dataclasses.field(default_factory=dict)
+  latency_ms: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _bucket_pow2(n: int) -> int:
@@ -71,7 +65,9 @@ class Server:
 
   def __init__(self, base_cfg: LlamaConfig, params, tokenizer, store: ExpertStore, router, embedder,
                cache_slots: int = 16, *, lora: LoraConfig | None = None,
-               base_fingerprint: str | None = None, length_bucket: int = 32):
+               base_fingerprint: str | None = None, length_bucket: int = 32,
+               policy: Policy | None = None, lora_all_store: ExpertStore | None = None,
+               request_log: RequestLog | None = None, log_source: str = "server"):
     """Args:
       base_cfg, params: the frozen base model.
       tokenizer: `encode(text) -> ids`, `decode(ids) -> text`, `eos_ids` (`mixie.model.tokenizer`).
@@ -82,6 +78,9 @@ class Server:
       lora: the experts' rank/alpha/targets; default: read from the store's first expert.
       base_fingerprint: the base's `mixie.model.checkpoint.fingerprint` (computed when None); experts
         trained on another base are refused.
+      policy: the fallback rule (`mixie.route.fallback.Policy`; default: no fallback).
+      lora_all_store: the store of the all-data LoRA (topic 0), for the "lora_all" fallback.
+      request_log, log_source: where `generate` logs its prompts (None: nowhere), and as what.
     """
     self.cfg = base_cfg
     self.params = params
@@ -89,33 +88,53 @@ class Server:
     self.store = store
     self.router = router
     self.embedder = embedder
-    self.lora = lora if lora is not None else lora_from_store(store)
-    if base_fingerprint is None:
-      from mixie.model.checkpoint import fingerprint
-      base_fingerprint = fingerprint(base_cfg, params)
-    self.base_fingerprint = base_fingerprint
+    self.lora = lora if lora is not None else store.lora()
+    self.base_fingerprint = (base_fingerprint if base_fingerprint is not None
+                             else fingerprint(base_cfg, params))
     if router is not None:
       check(router.cfg.mode != "oracle", "route.mode=oracle is for evaluation only; serving needs "
             "centroid, knn or topk", ConfigError)
       check(router.cfg.mode != "topk" or router.cfg.topk <= cache_slots,
             f"route.topk={router.cfg.topk} experts per prompt need at least that many cache slots "
             f"(generate.cache_experts={cache_slots})", ConfigError)
+    self.set_fallback(policy if policy is not None else Policy(), lora_all_store)
+    self.request_log, self.log_source = request_log, log_source
     self.cache = ExpertCache(base_cfg, self.lora, self._load_expert, cache_slots)
     self.length_bucket = int(length_bucket)
 
+  def set_fallback(self, policy: Policy, lora_all_store: ExpertStore | None = None) -> None:
+    """Sets the fallback rule (and the all-data LoRA's store, needed by a "lora_all" fallback)."""
+    check(policy.fallback != "lora_all" or lora_all_store is not None,
+          "route.fallback='lora_all' needs the all-data LoRA's store (workdir/lora_all)", ConfigError)
+    self.policy, self.lora_all_store = policy, lora_all_store
+
   def _load_expert(self, topic: int):
-    """One expert from the store, refused unless it matches this base and the serving LoRA config."""
-    return load_matching(self.store, topic, self.base_fingerprint, self.lora)
+    """One expert from the store (the all-data LoRA for `LORA_ALL_KEY`), refused unless it matches
+    this base and the serving LoRA config."""
+    if topic == LORA_ALL_KEY:
+      return self.lora_all_store.load(0, self.base_fingerprint, self.lora)[0]
+    return self.store.load(topic, self.base_fingerprint, self.lora)[0]
 
   # --- routing -------------------------------------------------------------------------------------
 
   def route(self, token_ids: Sequence[Sequence[int]]):
-    """Expert ids `[n, g]` and weights `[n, g]` of tokenized prompts (g = 1 without topk)."""
+    """Expert ids `[n, g]` and weights `[n, g]` of tokenized prompts (g = 1 without topk), after the
+    fallback rule."""
+    _, served, _ = self.route_with_fallback(token_ids)
+    return served.expert_ids, served.weights
+
+  def route_with_fallback(self, token_ids: Sequence[Sequence[int]]):
+    """`(routed, served, below_n)`: the router's `RouteResult`, the one served (rows below the
+    policy's threshold given to its fallback model) and which rows fell back `[n]`."""
     n = len(token_ids)
     if self.router is None:
-      return np.full((n, 1), -1, np.int32), np.ones((n, 1), np.float32)
+      r = RouteResult(np.full((n, 1), -1, np.int32), np.ones((n, 1), np.float32))
+      return r, r, np.zeros((n,), bool)
     r = self.router.route_queries(self.embedder, self.tokenizer, token_ids=token_ids)
-    return r.expert_ids, r.weights
+    below_n = self.policy.below(r)
+    if not below_n.any():
+      return r, r, below_n
+    return r, apply_fallback(r, below_n, fallback_expert(self.policy.fallback)), below_n
 
   # --- generation ----------------------------------------------------------------------------------
 
@@ -128,11 +147,30 @@ class Server:
     strings are cut from the text after decoding. Returns one `Result` per prompt, in order.
     """
     check(len(prompts) > 0, "generate: no prompts given")
+    start_s = time.time()
     token_ids = [list(self.tokenizer.encode(p)) for p in prompts]
-    expert_ids, weights = self.route([ids if ids else [0] for ids in token_ids])
-    return self.generate_tokens(token_ids, expert_ids, weights, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, top_k=top_k, stop=stop,
-                                seed=seed)
+    routed_ids = [ids if ids else [0] for ids in token_ids]
+    t0 = time.perf_counter()
+    routed, served, below_n = self.route_with_fallback(routed_ids)
+    route_ms = 1e3 * (time.perf_counter() - t0)
+    results = self.generate_tokens(token_ids, served.expert_ids, served.weights,
+                                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                   top_k=top_k, stop=stop, seed=seed)
+    for i, r in enumerate(results):
+      r.confidence = {"distance": float(routed.distance[i]), "margin": float(routed.margin[i]),
+                      "vote_share": float(routed.vote_share[i])}
+      r.latency_ms = {"route": route_ms, **r.latency_ms}
+      if below_n[i]:
+        r.fallback, r.expert, r.experts = self.policy.fallback, -1, ()
+    if self.request_log is not None:
+      route_tokens = self.router.cfg.route_tokens if self.router is not None else 0
+      self.request_log.append(request_records(
+          time_s=start_s, source=self.log_source,
+          mode=self.router.cfg.mode if self.router is not None else "none",
+          prefixes=prefix_token_ids(self.tokenizer, route_tokens, token_ids=routed_ids), routed=routed,
+          served=served, below_n=below_n, policy=self.policy, results=results,
+          token_counts=[len(t) for t in token_ids], route_ms=route_ms))
+    return results
 
   def generate_tokens(self, token_ids: Sequence[Sequence[int]], expert_ids, weights=None, *,
                       max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
@@ -170,7 +208,9 @@ class Server:
 
     key = jax.random.key(seed)
     for chunk_no, chunk in enumerate(self._chunks(todo, expert_ids)):
+      t0 = time.perf_counter()
       slot_n, errors = self.cache.slots_for(expert_ids[chunk].reshape(-1))
+      load_ms = 1e3 * (time.perf_counter() - t0)
       slot_pg = slot_n.reshape(len(chunk), g)
       ok = []
       for j, i in enumerate(chunk):
@@ -182,10 +222,13 @@ class Server:
       if not ok:
         continue
       rows = [chunk[j] for j in ok]
+      t0 = time.perf_counter()
       out_pn, n_p = self._decode([token_ids[i] for i in rows], slot_pg[ok], weights[rows],
                                  stop_ids, jax.random.fold_in(key, chunk_no), max_new_tokens,
                                  temperature, top_p, top_k)
+      gen_ms = 1e3 * (time.perf_counter() - t0)  # _decode ends with the (existing) device_get
       for j, i in enumerate(rows):
+        results[i].latency_ms = {"load": load_ms, "generate": gen_ms}
         toks = [int(t) for t in out_pn[j, :n_p[j]]]
         if toks and toks[-1] in set(stop_ids.tolist()):
           toks = toks[:-1]

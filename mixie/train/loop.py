@@ -24,10 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
+from tqdm import tqdm
 
+from mixie.distributed import is_main_process
 from mixie.errors import MixieError
-from mixie.store import ExpertStore
+from mixie.store import ExpertMeta, ExpertStore
+from mixie.train import branch
 from mixie.train import ckpt as ckpt_lib
+from mixie.train.divergence import DivergenceMonitor, DivergenceRule
 from mixie.train.metrics import MetricsWriter
 from mixie.train.scheduler import ExpertScheduler
 from mixie.train.step import TrainSpec, abstract_state, compile_fns, create_state
@@ -46,6 +50,8 @@ class LoopResult:
   seconds: float
   state: Any = None  # the final train state (on device)
   written: list = dataclasses.field(default_factory=list)  # topics written to the store by this call
+  diverged: dict = dataclasses.field(default_factory=dict)  # topic -> why, of every finished expert
+  tokens_total: int = 0  # tokens of the whole run, earlier calls (before a resume) included
 
 
 def _gather_slots(tree, slots: list[int]):
@@ -70,7 +76,8 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
                checkpoint_every: int = 50, log_every: int = 1, max_steps: int = 0,
                metrics: MetricsWriter | None = None, expert_meta: Callable[[int], Mapping] | None = None,
                stop: Callable[[], bool] | None = None, progress: bool = True,
-               on_saved: Callable[[int], None] | None = None, keep_checkpoints: int = 2) -> LoopResult:
+               on_saved: Callable[[int], None] | None = None, keep_checkpoints: int = 2,
+               divergence: DivergenceRule | None = None, init_params=None) -> LoopResult:
   """Trains until every scheduled expert reached its budget (or `max_steps`, or `stop()`).
 
   Args:
@@ -85,17 +92,21 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
     tokens_per_step: tokens a slot gets per step (b * T), for the per-expert LR horizon.
     checkpoint_every, log_every, max_steps: cadences; max_steps 0 = no limit.
     metrics: JSONL writer (process 0).
-    expert_meta: extra metadata of a topic's expert (e.g. its centroid).
+    expert_meta: more `ExpertMeta` fields of a topic's expert (e.g. its centroid), by name.
     stop: polled every step; True saves a checkpoint and returns status "preempted".
     progress: show a tqdm bar with tokens/s.
     on_saved: called with the step after each checkpoint is saved (tests use it).
     keep_checkpoints: newest checkpoints kept.
+    divergence: when a finished expert counts as diverged (`LoopResult.diverged`); None: the defaults.
+    init_params: one expert every slot starts from (a seed adapter: `mixie.train.branch`), with fresh
+      optimizer state; None: fresh experts.
   """
   comp = compile_fns(spec, mesh, rules, jax.eval_shape(lambda: base))
   frozen = base if spec.lora_mode else None  # "full" trains the base itself
   ckpt = ckpt_lib.TrainCheckpointer(ckpt_dir, max_to_keep=keep_checkpoints)
   mode = spec.mode
   E = spec.slots
+  monitor = DivergenceMonitor(divergence or DivergenceRule())  # host floats of the metrics fetched anyway
   try:
     latest = ckpt.latest_step()
     if latest is not None:
@@ -105,6 +116,7 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
       if host.get("mode") != mode:
         raise MixieError(f"{ckpt.dir}: checkpoint of mode {host.get('mode')!r}, this run trains {mode!r}")
       scheduler.restore(host["scheduler"])
+      monitor.restore(host.get("divergence"))
       loader.restore(host["loader"])
       step, tokens_total = int(host["step"]), int(host["tokens"])
       if metrics is not None:
@@ -118,12 +130,13 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
       for e, t in enumerate(topics_e):
         loader.set_slot(e, int(t))
       state = create_state(spec, mesh, rules, base, np.maximum(topics_e, 0), horizon_e, comp)
+      if init_params is not None:  # branched experts start from the seed adapter
+        state = branch.start_from(state, init_params, topics_e >= 0)
       step, tokens_total = 0, 0
 
     total_steps = _estimate_steps(scheduler, tokens_per_step, E)
     bar = None
-    if progress and jax.process_index() == 0:
-      from tqdm import tqdm
+    if progress and is_main_process():
       bar = tqdm(total=total_steps, initial=min(step, total_steps), desc=f"train[{mode}]", unit="step",
                  dynamic_ncols=True)
 
@@ -152,6 +165,7 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
         for e in range(E):
           if m["tokens"][e] > 0:
             last_loss[e] = float(m["loss"][e])
+            monitor.observe(p["topics"][e], last_loss[e], float(m["grad_norm"][e]))
         if metrics is not None and (p["step"] % log_every == 0 or p["final"]):
           now = time.time()
           active = m["tokens"] > 0
@@ -169,7 +183,7 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
       if ckpt.latest_step() == s:
         return
       host = {"mode": mode, "step": s, "tokens": tokens_total, "loader": loader.state(),
-              "scheduler": scheduler.state()}
+              "scheduler": scheduler.state(), "divergence": monitor.state()}
       ckpt.save(s, state, host)
       if on_saved is not None:
         ckpt.wait()
@@ -201,12 +215,12 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
         params = _gather_slots(state["params"], done)
         for i, e in enumerate(done):
           topic = scheduler.release(e)
-          if store is not None and jax.process_index() == 0:
+          monitor.finish(topic)
+          if store is not None and is_main_process():
             expert = jax.tree.map(lambda x: x[i], params)
-            meta = {"tokens_seen": scheduler.slot_tokens[e], "final_loss": last_loss[e],
-                    "rank": spec.lora.rank, "alpha": spec.lora.alpha, "targets": list(spec.lora.targets),
-                    "base_fingerprint": fingerprint, "mode": mode, "steps": step}
-            meta.update(expert_meta(topic) if expert_meta is not None else {})
+            meta = ExpertMeta.new(spec.lora, fingerprint, tokens_seen=scheduler.slot_tokens[e],
+                                  final_loss=last_loss[e], mode=mode, steps=step,
+                                  **(expert_meta(topic) if expert_meta is not None else {}))
             store.write(topic, expert, meta)
           written.append(topic)
         new = scheduler.fill()
@@ -219,6 +233,8 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
           for e, t in new.items():
             mask[e], topics[e], horizon[e] = True, t, scheduler.horizon_steps(t, tokens_per_step)
           state = comp.reset(state, base, mask, topics, horizon)
+          if init_params is not None:
+            state = branch.start_from(state, init_params, mask)
       if bar is not None:
         bar.update(1)
         el = time.time() - t_start
@@ -233,7 +249,8 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
       bar.close()
     ckpt.wait()
     return LoopResult(status=status, step=step, tokens=tokens_total - tok_start,
-                      seconds=time.time() - t_start, state=state, written=written)
+                      seconds=time.time() - t_start, state=state, written=written,
+                      diverged=dict(monitor.diverged), tokens_total=tokens_total)
   finally:
     ckpt.close()
 

@@ -7,16 +7,20 @@ end with the held-out perplexity table.
    the field).
 2. Missing topics or dataset in `workdir` are built by the cluster stage (`mixie.cluster.topics`).
 3. The experts (`train.mode`, normally "experts") and then each of `train.baselines` ("lora_all": one LoRA
-   on all data, "full": continued pre-training of the whole base) are trained through the same
-   `train_loop`, with the same total tokens; each run checkpoints into `workdir/checkpoints/<mode>` and
-   resumes from there, so a finished run is skipped and an interrupted one continues.
+   on all data at the experts' rank, "lora_all_wide": the same at rank E·r (`wide_lora`), "full":
+   continued pre-training of the whole base) are trained through the same `train_loop`, with the same
+   total tokens; each run checkpoints into `workdir/checkpoints/<mode>` and resumes from there, so a
+   finished run is skipped and an interrupted one continues. With `train.init = "seed"` the seed
+   adapter is trained first (or reused when finished) and the experts branch from it
+   (`mixie.train.branch`).
 4. Held-out perplexity (`mixie.evaluate.run.evaluate`, on the base already loaded): the base, each
    baseline, the routed experts and each expert on its own topic's documents (oracle), token-weighted
    overall and per topic, scored after a routing prefix of P tokens; printed and written to
    `workdir/eval/`.
 
-Outputs: `workdir/experts/` (expert store), `workdir/lora_all/` (a one-entry store), `workdir/full/`
-(the continued-pre-training base as safetensors), `workdir/metrics.jsonl`.
+Outputs: `workdir/experts/` (expert store), `workdir/lora_all/` and `workdir/lora_all_wide/` (one-entry
+stores), `workdir/full/` (the continued-pre-training base as safetensors), the seed adapter
+(`train.seed_dir`, default `workdir/seed/`), `workdir/metrics.jsonl`.
 """
 
 from __future__ import annotations
@@ -31,16 +35,26 @@ import jax
 import numpy as np
 
 from mixie import io as mio
+from mixie.cluster.topics import dataset_dir, load_topics, run_cluster, summary_line, topics_complete
+from mixie.cluster.topics import validate_config as validate_cluster
+from mixie.data.dataset import dataset_status, open_dataset, topic_token_counts
+from mixie.data.loader import PackedLoader, resolve_small_topics
+from mixie.distributed import is_main_process
+from mixie.dtypes import check_model_dtypes
 from mixie.errors import ConfigError, check
+from mixie.evaluate.run import evaluate, format_table, validate_eval_config
+from mixie.model.checkpoint import fingerprint
+from mixie.model.load import load_base
 from mixie.model.lora import LoraConfig
 from mixie.sharding import make_mesh, mesh_from_config
 from mixie.store import ExpertStore, save_tree
-from mixie.train import optim
+from mixie.train import branch, divergence, optim
+from mixie.train.loop import train_loop
+from mixie.train.metrics import MetricsWriter
 from mixie.train.scheduler import BUDGETS, ExpertScheduler, token_budgets
 from mixie.train.step import MODES, TrainSpec, base_shardings
 
-BASELINES = ("lora_all", "full")
-DTYPES = ("float32", "bfloat16")
+BASELINES = ("lora_all", "lora_all_wide", "full")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -56,8 +70,6 @@ def _int_field(config, dotted: str, lo: int) -> int:
 
 
 def _inputs_missing(workdir) -> bool:
-  from mixie.cluster.topics import dataset_dir, topics_complete
-  from mixie.data.dataset import dataset_status
   return not topics_complete(workdir) or dataset_status(dataset_dir(workdir)) != "complete"
 
 
@@ -74,15 +86,15 @@ def validate_config(config, devices=None) -> None:
   for f, lo in (("train.slots", 1), ("train.batch_per_slot", 1), ("train.tokens_per_expert", 1),
                 ("train.checkpoint_every", 1), ("train.log_every", 1), ("train.max_steps", 0),
                 ("train.warmup_steps", 0), ("train.keep_checkpoints", 1), ("train.ce_chunk", 1),
-                ("dataset.seq_len", 2)):
+                ("dataset.seq_len", 2), ("train.wide_rank_cap", 0)):
     _int_field(config, f, lo)
+  branch.validate(config)  # train.init, train.seed_fraction
   if t.budget not in BUDGETS:
     raise ConfigError(f"train.budget must be one of {BUDGETS}, got {t.budget!r}")
   LoraConfig.from_config(config.lora)  # rank >= 1, known targets, dropout in [0, 1)
   optim.OptConfig.from_config(t)  # lr, betas, clip, schedule
-  for f in ("dtype", "param_dtype"):
-    if config.model[f] not in DTYPES:
-      raise ConfigError(f"model.{f} must be one of {DTYPES}, got {config.model[f]!r}")
+  divergence.DivergenceRule.from_config(t)  # divergence_*, allow_divergence
+  check_model_dtypes(config.model)
   axes = tuple(config.mesh.axes)
   for a in ("expert", "data"):
     if a not in axes:
@@ -97,18 +109,12 @@ def validate_config(config, devices=None) -> None:
     raise ConfigError(f"train.batch_per_slot={t.batch_per_slot} is not a multiple of the mesh's data "
                       f"axis ({n_data} devices)")
   if t.eval_after:
-    from mixie.evaluate.run import validate_eval_config
     validate_eval_config(config)
   if _inputs_missing(config.workdir):
     if not t.run_missing:
       raise ConfigError(f"{config.workdir}/topics or /dataset is missing and train.run_missing=False: "
                         "run `python -m mixie.cluster --config=...` first, or set train.run_missing=True")
-    from mixie.cluster.topics import validate_config as validate_cluster
-    validate_cluster(config)
-    d = config.data
-    if d.source in ("jsonl", "text") and d.path and not any(ch in d.path for ch in "*?["):
-      if not mio.path(d.path).exists():
-        raise ConfigError(f"data.path={d.path!r} does not exist: the missing topics cannot be built")
+    validate_cluster(config)  # also checks the corpus, the base's headers and its tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,10 +135,6 @@ class TrainData:
 
 def open_train_data(config, tokens_per_batch: int) -> TrainData:
   """Opens `workdir/dataset` (train split) and resolves small topics and budgets."""
-  from mixie.cluster.topics import dataset_dir, load_topics
-  from mixie.data.dataset import open_dataset, topic_token_counts
-  from mixie.data.loader import resolve_small_topics
-
   out = dataset_dir(config.workdir)
   topics = load_topics(config.workdir)
   src = open_dataset(out, "train")
@@ -159,6 +161,17 @@ def baseline_mesh(mesh):
   return make_mesh(shape, axes, list(np.transpose(mesh.devices, order).flat))
 
 
+def wide_lora(config, n_experts: int) -> LoraConfig:
+  """The LoRA of `lora_all_wide`: rank E·r for E trained experts (as many parameters as all experts
+  together), at most `train.wide_rank_cap` when > 0; alpha grows with the rank, so the LoRA scale
+  alpha / rank is the experts'."""
+  lora = LoraConfig.from_config(config.lora)
+  rank = n_experts * lora.rank
+  if int(config.train.wide_rank_cap):
+    rank = min(rank, int(config.train.wide_rank_cap))
+  return dataclasses.replace(lora, rank=rank, alpha=lora.alpha * rank / lora.rank)
+
+
 def _stopper() -> Callable[[], bool]:
   """Installs a SIGTERM handler (TPU preemption) that asks the loop to save and stop."""
   flag = threading.Event()
@@ -172,11 +185,10 @@ def _stopper() -> Callable[[], bool]:
 
 
 def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer, mesh, rules, *,
-              stop=None, metrics=None, log=print):
-  """Trains one run (`mode` = experts, lora_all or full) to its end; returns the `LoopResult`."""
-  from mixie.data.loader import PackedLoader
-  from mixie.train.loop import train_loop
-
+              stop=None, metrics=None, log=print, seed_plan: branch.SeedPlan | None = None, init=None):
+  """Trains one run (`mode` = experts, lora_all, lora_all_wide, full or seed) to its end; returns the
+  `LoopResult`. A branched run (`train.init = "seed"`) passes its `seed_plan` (the seed's and the
+  branches' budgets) and, for the experts, `init` = `(seed params, seed info)` from `branch.load`."""
   t = config.train
   wd = mio.path(config.workdir)
   T = int(config.dataset.seq_len)
@@ -186,7 +198,12 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
     E, b, run_mesh = 1, t.slots * t.batch_per_slot, baseline_mesh(mesh)
     topic_map = np.where(data.topic_map >= 0, 0, -1).astype(np.int32)
     budgets = {0: int(sum(data.budgets.values()))}
-  spec = TrainSpec(cfg=cfg, lora=LoraConfig.from_config(config.lora), opt=optim.OptConfig.from_config(t),
+  if seed_plan is not None:  # the seed's share of the total, or the branches' shares
+    budgets = {0: seed_plan.tokens} if mode == "seed" else seed_plan.branch_budgets
+  lora = wide_lora(config, len(data.budgets)) if mode == "lora_all_wide" else LoraConfig.from_config(config.lora)
+  out_dir = seed_plan.dir if mode == "seed" else wd / mode
+  ckpt_dir = out_dir / "checkpoints" if mode == "seed" else wd / "checkpoints" / mode
+  spec = TrainSpec(cfg=cfg, lora=lora, opt=optim.OptConfig.from_config(t),
                    slots=E, mode=mode, remat=bool(config.model.remat), seed=int(config.seed),
                    ce_chunk=int(t.ce_chunk))
   run_base = base if run_mesh is mesh else jax.device_put(base, base_shardings(spec, run_mesh, rules))
@@ -194,29 +211,30 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
   loader = PackedLoader(data.source, [-1] * E, batch_per_slot=b, seq_len=T, eos_id=tokenizer.eos_ids[0],
                         bos_id=bos, pad_id=tokenizer.pad_id, seed=int(config.seed), topic_map=topic_map)
   sched = ExpertScheduler(budgets, E)
-  store = None if mode == "full" else ExpertStore(wd / mode)
+  store = None if mode == "full" else ExpertStore(out_dir)
 
   def meta(topic):
     if mode != "experts":
-      return {"kind": mode, "topics": int(np.unique(data.topic_map[data.topic_map >= 0]).size)}
+      return {"kind": mode, "topics": int(np.unique(data.topic_map[data.topic_map >= 0]).size), "seq_len": T}
     merged = [int(k) for k in np.flatnonzero(data.topic_map == topic) if k != topic]
-    return {"kind": "expert", "centroid": data.centroids[topic].astype(float).tolist(),
-            "topic_tokens": int(data.counts[topic]), "budget": int(budgets[topic]), "merged_topics": merged}
+    out = {"kind": "expert", "centroid": data.centroids[topic].astype(float).tolist(), "seq_len": T,
+           "topic_tokens": int(data.counts[topic]), "budget": int(budgets[topic]), "merged_topics": merged}
+    return out if init is None else {**out, "init": "seed", "seed": init[1]}
 
   log(f"mixie.train[{mode}]: {len(budgets)} expert(s) on {E} slot(s) x {b} rows x {T} tokens, "
       f"{sum(budgets.values())} tokens in all, mesh {dict(run_mesh.shape)}")
-  res = train_loop(spec, run_mesh, rules, run_base, loader, sched, ckpt_dir=wd / "checkpoints" / mode,
+  res = train_loop(spec, run_mesh, rules, run_base, loader, sched, ckpt_dir=ckpt_dir,
                    store=store, fingerprint=fp, tokens_per_step=b * T, checkpoint_every=t.checkpoint_every,
                    log_every=t.log_every, max_steps=t.max_steps, metrics=metrics, expert_meta=meta, stop=stop,
-                   keep_checkpoints=t.keep_checkpoints)
+                   keep_checkpoints=t.keep_checkpoints, divergence=divergence.DivergenceRule.from_config(t),
+                   init_params=None if init is None else init[0])
   if mode == "full" and res.status == "finished" and not (wd / "full" / "meta.json").exists() \
-      and jax.process_index() == 0:
-    from mixie.model.checkpoint import fingerprint
+      and is_main_process():
     params = jax.tree.map(lambda x: x[0].astype(base_dtype(base)), jax.device_get(res.state["params"]))
     save_tree(wd / "full" / "params.safetensors", params)
     mio.atomic_write_json(wd / "full" / "meta.json", {
         "kind": "full", "base_fingerprint": fp, "fingerprint": fingerprint(cfg, params),
-        "tokens": int(sum(budgets.values()))})
+        "tokens": int(sum(budgets.values())), "tokens_seen": int(res.tokens_total), "seq_len": T})
   return res
 
 
@@ -233,15 +251,11 @@ def run(config, *, log=print, stop: Callable[[], bool] | None = None) -> dict[st
   """The main job (see the module docstring); returns a JSON-able summary with `status`."""
   t_start = time.time()
   validate_config(config)
-  from mixie.model.checkpoint import fingerprint
-  from mixie.model.load import load_base
-  from mixie.train.metrics import MetricsWriter
 
   wd = mio.path(config.workdir)
   mesh = mesh_from_config(config.mesh)
   rules = tuple(tuple(r) for r in config.mesh.rules)
   if _inputs_missing(config.workdir):
-    from mixie.cluster.topics import run_cluster, summary_line
     log(f"mixie.train: topics or dataset missing in {wd}: running the cluster stage")
     log(summary_line(run_cluster(config, log=log)))
   cfg, base, tokenizer = load_base(config.model, mesh=mesh, rules=rules, seed=int(config.seed))
@@ -253,17 +267,28 @@ def run(config, *, log=print, stop: Callable[[], bool] | None = None) -> dict[st
   T = int(config.dataset.seq_len)
   data = open_train_data(config, int(config.train.batch_per_slot) * T)
   stop = stop or _stopper()
-  metrics = MetricsWriter(wd / "metrics.jsonl", tb_dir=wd / "tensorboard")
+  metrics = MetricsWriter(wd / "metrics.jsonl", tb_dir=wd / "tensorboard", log=log)
   summary: dict[str, Any] = {"workdir": str(wd), "base_fingerprint": fp, "runs": {}}
   modes = [config.train.mode] + [b for b in tuple(config.train.baselines) if b != config.train.mode]
+  plan, init = None, None
+  if config.train.init == "seed":  # the seed adapter first (trained once per seed_dir), then the branches
+    plan = branch.plan(config, data.budgets, int(config.train.batch_per_slot) * T)
+    branch.claim(config, plan.dir)
+    modes = ["seed"] + modes
   try:
     for mode in modes:
+      if mode == "seed" and 0 in ExpertStore(plan.dir):
+        summary["runs"]["seed"] = {"status": "reused", "dir": str(plan.dir)}
+        init = branch.load(plan.dir, fp, LoraConfig.from_config(config.lora))
+        continue
       res = train_run(config, mode, cfg, base, fp, data, tokenizer, mesh, rules, stop=stop,
-                      metrics=metrics, log=log)
+                      metrics=metrics, log=log, seed_plan=plan if mode in ("seed", "experts") else None,
+                      init=init if mode == "experts" else None)
       summary["runs"][mode] = {"status": res.status, "step": res.step, "tokens": res.tokens,
                                "seconds": round(res.seconds, 1),
                                "tokens_per_s": round(res.tokens / res.seconds, 1) if res.seconds else None}
       res.state = None
+      summary["runs"][mode]["diverged"] = divergence.note(wd, mode, res.diverged, log)
       if res.status == "preempted":
         log(f"mixie.train: SIGTERM: saved a checkpoint of {mode!r} at step {res.step} in "
             f"{wd / 'checkpoints' / mode}; rerun the same command to resume")
@@ -273,18 +298,23 @@ def run(config, *, log=print, stop: Callable[[], bool] | None = None) -> dict[st
         log(f"mixie.train: {mode!r} stopped at train.max_steps={config.train.max_steps}")
         summary["status"] = "max_steps"
         return summary
+      if mode == "seed":
+        init = branch.load(plan.dir, fp, LoraConfig.from_config(config.lora))
   finally:
     metrics.close()
   if config.train.eval_after:  # the prefix-routed held-out table of `mixie.evaluate` on this base
-    from mixie.evaluate.run import evaluate, format_table
     results = evaluate(config, loaded=(cfg, base, tokenizer), fp=fp, log=log)
     log(format_table(results))
     summary["eval"] = {"ppl": {p: tab["ppl"] for p, tab in results["by_prefix"].items()},
                        "docs": results["docs"], "rows": results["rows"]}
-  summary["status"] = "finished"
+  summary["diverged"] = divergence.load(wd)
+  refuse = bool(summary["diverged"]) and not config.train.allow_divergence
+  summary["status"] = "diverged" if refuse else "finished"
   summary["seconds"] = round(time.time() - t_start, 1)
   mio.atomic_write_json(wd / "train_summary.json", summary)
   log(f"mixie.train: done in {summary['seconds']:.0f}s; experts in {wd / 'experts'}")
+  if refuse:
+    raise divergence.Diverged(divergence.refusal(summary["diverged"]))
   return summary
 
 

@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh
 
+from configs import tinyllama_moin5k
 from mixie import sharding as shd
-from mixie.model.llama import LlamaConfig, count_params, param_axes
+from mixie.model.llama import PRESETS, LlamaConfig, count_params, init_params, param_axes
 from mixie.model.lora import LoraConfig, init_experts
 from mixie.train import optim
 from mixie.train.step import TrainSpec, abstract_state, is_axes, state_axes
@@ -79,17 +80,13 @@ def wave_memory(cfg: LlamaConfig, lora: LoraConfig, *, slots: int, batch_per_slo
 
 
 def _init_base(cfg: LlamaConfig, key):
-  from mixie.model.llama import init_params
   return init_params(cfg, key)
 
 
 def moin5k_report(n_experts: int = 5000, devices: int = 256) -> dict[str, Any]:
   """TinyLlama-1.1B (bf16 base and compute), rank-16 experts on all seven projections, MoIN-5k config:
   the experts' parameter count and the per-device memory of one wave on `devices` chips."""
-  from configs.tinyllama_moin5k import get_config
-  from mixie.model.llama import PRESETS
-
-  c = get_config()
+  c = tinyllama_moin5k.get_config()
   cfg = PRESETS["tinyllama_1b"].replace(dtype=c.model.dtype, param_dtype=c.model.param_dtype)
   lora = LoraConfig.from_config(c.lora)
   shape = dict(zip(tuple(c.mesh.axes), tuple(c.mesh.shape)))

@@ -1,33 +1,54 @@
 """Training metrics: one JSON line per logged step (per expert inside), and TensorBoard when installed.
 
-Only process 0 writes. On resume, lines of steps after the restored checkpoint (written by the run
+The TensorBoard mirror is written by `tensorboardX` (no TensorFlow, no torch); without it the mirror is
+skipped with one log line and `metrics.jsonl` holds everything. Only process 0 writes. On resume, lines of steps after the restored checkpoint (written by the run
 that was interrupted) are dropped, so the file reads as one uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+import sys
+from typing import Any, Callable, Mapping
 
-import jax
-
+from mixie.distributed import is_main_process
 from mixie.io import PathLike, atomic_write_text, path as _path
 
 
-class MetricsWriter:
-  """Appends JSON lines to `path`; mirrors scalars to TensorBoard (`tb_dir`) when `tensorboard` exists."""
+def tensorboard_writer_class():
+  """`tensorboardX.SummaryWriter`, imported without torch; None when tensorboardX is not installed.
 
-  def __init__(self, path: PathLike, tb_dir: PathLike | None = None):
+  tensorboardX's writer module tries `import torch` at import time (only to widen a type check), which
+  would pull all of torch into a JAX job wherever torch happens to be installed: that import is made to
+  fail for the duration, unless torch is already loaded.
+  """
+  block = "torch" not in sys.modules
+  if block:
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this entry is None
+  try:
+    from tensorboardX import SummaryWriter  # deferred: optional dependency
+  except ImportError:
+    return None
+  finally:
+    if block:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
+class MetricsWriter:
+  """Appends JSON lines to `path`; mirrors scalars to TensorBoard event files in `tb_dir` when
+  tensorboardX is installed (else says so once through `log`)."""
+
+  def __init__(self, path: PathLike, tb_dir: PathLike | None = None, log: Callable[[str], Any] = print):
     self.path = _path(path)
-    self.enabled = jax.process_index() == 0
+    self.enabled = is_main_process()
     self._tb = None
     if self.enabled and tb_dir is not None:
-      try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (needs the tensorboard package)
-        import tensorboard  # noqa: F401
-        self._tb = SummaryWriter(str(tb_dir))
-      except ImportError:
-        self._tb = None
+      cls = tensorboard_writer_class()
+      if cls is None:
+        log(f"mixie.train: TensorBoard mirror off (tensorboardX is not installed); metrics go to {self.path}")
+      else:
+        self._tb = cls(str(tb_dir))
 
   def truncate_after(self, mode: str, step: int) -> None:
     """Drops the lines of `mode` with a step > `step` (left by an interrupted run)."""

@@ -1,0 +1,1 @@
+"""`python -m mixie.experts`: see `__main__`."""

@@ -1,0 +1,1 @@
+"""`python -m mixie.export`: see `__main__`."""

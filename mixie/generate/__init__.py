@@ -1,0 +1,1 @@
+"""`python -m mixie.generate`: see `__main__`."""

@@ -1,0 +1,1 @@
+"""`python -m mixie.monitor`: summaries, plots and flags from the serving request log."""

@@ -1,0 +1,206 @@
+"""Sweeps (`mixie.sweep`): a two-point sweep end to end that resumes after a SIGKILL without redoing its
+finished point, evaluation-only points, adopting hand-made work directories, refusing changed points,
+the keys that decide sharing, and the shipped sweep configs."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs.sweeps import tiny as tiny_sweep_config
+from conftest import file_snapshot
+from mixie.cluster import topics
+from mixie.errors import ConfigError, MixieError
+from mixie.sweep import report, runner, spec
+from mixie.train.main import wide_lora
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _sweep(sd, hf, points=None):
+  """The tiny sweep in `sd`, laid out on this process's 8 test devices (the layout is no part of a key)."""
+  s = tiny_sweep_config.get_config()
+  s.workdir = str(sd)
+  s.base.model.path = str(hf)
+  s.base.mesh.shape = (4, 2, 1)
+  if points is not None:
+    s.points = tuple(points)
+  return s
+
+
+def _copy(tiny_sweep, tmp_path):
+  dst = tmp_path / "sweep"
+  shutil.copytree(tiny_sweep["dir"], dst, symlinks=True)
+  return dst
+
+
+@pytest.mark.slow
+def test_two_point_sweep_resumes_after_sigkill_without_redoing_the_finished_point(tiny_sweep):
+  sd = tiny_sweep["dir"]
+  before, after = tiny_sweep["before"], tiny_sweep["after"]
+  assert any(k.startswith("points/scratch/experts/") for k in before)
+  assert any(k.startswith("shared/data-") and k.endswith("manifest.json") for k in before)
+  assert after == before  # the finished point and the shared data: every file untouched (bytes, mtime)
+  assert "point 'scratch' is done" in tiny_sweep["resumed_output"]
+  assert "mixie.train[experts]" not in tiny_sweep["resumed_output"].split("point 'seed'")[0]
+  for name in ("scratch", "seed"):
+    d = sd / "points" / name
+    assert (d / "done.json").exists() and (d / "trained.json").exists()
+    assert os.readlink(d / "topics") == os.readlink(sd / "points" / "scratch" / "topics")  # one shared dataset
+  seeds = list((sd / "shared").glob("seed-*"))
+  assert len(seeds) == 1 and (seeds[0] / "topic_000000" / "meta.json").exists()
+  meta = json.loads((sd / "points" / "seed" / "experts" / "topic_000000" / "meta.json").read_text())
+  assert meta["init"] == "seed" and meta["seed"]["dir"] == str(seeds[0])
+  wide = json.loads((sd / "points" / "scratch" / "lora_all_wide" / "topic_000000" / "meta.json").read_text())
+  assert (wide["rank"], wide["alpha"]) == (4 * 8, 4 * 16.0)  # E·r for E = 4 trained experts, same scale
+  # the combined table: every row of both points at both P, each with its training tokens and FLOPs
+  table = report.load_table(sd)
+  rows = {(r["point"], r["prefix"], r["row"]): r for r in table["rows"]}
+  want = {"scratch": ["base", "lora_all", "lora_all_wide", "full", "centroid", "oracle"],
+          "seed": ["base", "centroid", "oracle"]}
+  assert sorted(rows) == sorted((p, P, r) for p, rs in want.items() for P in (4, 8) for r in rs)
+  for (p, P, r), row in rows.items():
+    assert row["tokens"] is not None and row["flops"] is not None and np.isfinite(row["ppl"])
+    assert (row["tokens"] > 0) == (r != "base") and row["x"] == p
+  md = (sd / "reports" / "tiny" / "table.md").read_text()
+  assert "| scratch | init=scratch | scratch | 8 |" in md and "| seed | 8 | centroid |" in md
+  for name in ("ppl_vs_tokens", "ppl_vs_flops", "ppl_vs_init", "ppl_vs_prefix", "routing_vs_prefix"):
+    assert (sd / "reports" / "tiny" / f"{name}.png").read_bytes().startswith(PNG)
+
+
+@pytest.mark.slow
+def test_evaluation_only_points_reuse_the_trained_point(tiny_sweep, tmp_path):
+  sd = _copy(tiny_sweep, tmp_path)
+  scratch = dict(tiny_sweep_config.get_config().points)["scratch"]
+  before = file_snapshot(sd / "points" / "scratch")
+  s = _sweep(sd, tiny_sweep["hf"], [("scratch", scratch), ("scratch_p4", {**scratch, "eval.prefix_tokens": (4,)}),
+                                    ("scratch_again", scratch)])
+  s.name = "evalonly"
+  assert runner.run_sweep(s)["status"] == "finished"
+  assert file_snapshot(sd / "points" / "scratch") == before
+  p4, again = sd / "points" / "scratch_p4", sd / "points" / "scratch_again"
+  for sub in ("experts", "lora_all", "lora_all_wide", "full"):
+    assert os.readlink(p4 / sub) == f"../scratch/{sub}"
+  assert not (p4 / "checkpoints").exists() and not (p4 / "eval").is_symlink()
+  assert os.readlink(again / "eval") == "../scratch/eval"  # the same config: nothing evaluated again
+  assert json.loads((p4 / "point.json").read_text())["owner"] == "scratch"
+  got = json.loads((p4 / "eval" / "results.json").read_text())
+  ref = json.loads((sd / "points" / "scratch" / "eval" / "results.json").read_text())
+  assert got["prefix_tokens"] == [4] and got["compute"] == ref["compute"]
+  for row in ref["rows"]:
+    assert got["by_prefix"]["4"]["ppl"][row] == pytest.approx(ref["by_prefix"]["4"]["ppl"][row], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_adopting_a_hand_made_sweep_layout(tiny_sweep, tmp_path):
+  """The presweep's shape: shared/{topics,dataset}, points/<name>/ with absolute links and no point.json."""
+  sd = _copy(tiny_sweep, tmp_path)
+  data = next((sd / "shared").glob("data-*"))
+  for sub in ("topics", "dataset"):
+    os.rename(data / sub, sd / "shared" / sub)
+  data.rmdir()
+  wd = sd / "points" / "scratch"
+  for f in ("point.json", "done.json", "trained.json"):
+    (wd / f).unlink()
+  for sub in ("topics", "dataset"):
+    (wd / sub).unlink()
+    os.symlink(sd / "shared" / sub, wd / sub)
+  shutil.rmtree(sd / "points" / "seed")
+  experts = file_snapshot(wd / "experts")
+  s = _sweep(sd, tiny_sweep["hf"], [("scratch", dict(tiny_sweep_config.get_config().points)["scratch"])])
+  with pytest.raises(ConfigError, match="--adopt"):
+    runner.run_sweep(s)
+  assert runner.run_sweep(s, adopt=True)["status"] == "finished"
+  assert (data / "topics" / "done" / "dataset.json").exists() and not (sd / "shared" / "topics").exists()
+  assert os.readlink(wd / "topics") == f"../../shared/{data.name}/topics"
+  assert file_snapshot(wd / "experts") == experts  # trusted as they are, not trained again
+  assert (wd / "done.json").exists() and json.loads((wd / "point.json").read_text())["owner"] is None
+
+
+def test_only_runs_the_named_points_and_refuses_unknown_names(tiny_sweep, tmp_path):
+  sd = _copy(tiny_sweep, tmp_path)
+  scratch = dict(tiny_sweep_config.get_config().points)["scratch"]
+  s = _sweep(sd, tiny_sweep["hf"], [("scratch", scratch), ("scratch_p4", {**scratch, "eval.prefix_tokens": (4,)})])
+  with pytest.raises(ConfigError, match=r"no point\(s\) \['nope'\]"):
+    runner.run_sweep(s, only=["nope"])
+  before = file_snapshot(sd / "points")
+  assert runner.run_sweep(s, only=["scratch"])["status"] == "finished"  # finished: nothing to do
+  assert not (sd / "points" / "scratch_p4").exists()  # not named: not started
+  assert file_snapshot(sd / "points") == before
+
+
+def test_a_point_whose_settings_changed_is_refused(tiny_sweep, tmp_path):
+  sd = _copy(tiny_sweep, tmp_path)
+  s = _sweep(sd, tiny_sweep["hf"], [("seed", {"train.init": "seed", "train.baselines": (),
+                                              "train.tokens_per_expert": 1024})])
+  with pytest.raises(ConfigError, match="train.tokens_per_expert=512 there, 1024 now"):
+    runner.run_sweep(s)
+
+
+def test_lora_all_wide_has_rank_e_r_or_the_cap_and_equals_the_base_when_b_is_zero():
+  from mixie.model.llama import forward
+  from mixie.model.lora import init_expert
+  from train_utils import TINY, tiny_base
+
+  c = tiny_sweep_config.get_config().base
+  assert (wide_lora(c, 6).rank, wide_lora(c, 6).alpha, wide_lora(c, 6).scale) == (48, 96.0, 2.0)
+  c.train.wide_rank_cap = 20
+  assert wide_lora(c, 6).rank == 20 and wide_lora(c, 2).rank == 16
+  wide = wide_lora(c, 6)
+  expert = init_expert(TINY, wide, jax.random.PRNGKey(1))
+  assert expert["q"]["a"].shape[-1] == 20 and float(np.abs(expert["q"]["a"]).sum()) > 0
+  base = tiny_base()
+  tok = jax.random.randint(jax.random.PRNGKey(2), (2, 16), 0, TINY.vocab_size)
+  got = forward(base, expert, tok, TINY, lora_scale=wide.scale)[0]
+  assert np.array_equal(np.asarray(got), np.asarray(forward(base, None, tok, TINY)[0]))
+
+
+def test_points_and_keys():
+  s = tiny_sweep_config.get_config()
+  s.points = (("a", {"train.tokens_per_expert": 1024}), ("b", {"eval.prefix_tokens": (8,)}),
+              ("c", {"cluster.k": 3}), ("d", {"train.lr": 1e-3}))
+  a, b, c, d = (p.config for p in spec.points_of(s))
+  assert spec.data_key(a) == spec.data_key(b) == spec.data_key(d) != spec.data_key(c)
+  assert spec.train_key(b) == spec.train_key(s.base) != spec.train_key(a)
+  assert spec.eval_key(b) != spec.eval_key(s.base)
+  a.train.checkpoint_every = 999  # bookkeeping changes nothing
+  assert spec.train_key(a) == spec.train_key(spec.points_of(s)[0].config)
+  s.points = (("a", {"train.no_such_field": 1}),)
+  with pytest.raises(ConfigError, match="sweep point 'a': unknown config field 'train.no_such_field'"):
+    spec.points_of(s)
+  s.points = (("a", {}), ("a", {}))
+  with pytest.raises(ConfigError, match="must be unique"):
+    spec.points_of(s)
+  s.points = (("a", {"train.slots": "six"}),)
+  with pytest.raises(ConfigError, match="sweep point 'a': train.slots='six'"):
+    spec.points_of(s)
+
+
+@pytest.mark.parametrize("name", ["tokens", "k", "rank", "prefix", "init"])
+@pytest.mark.parametrize("variant", ["", "stdlib", "accel", "tinyllama", "accel,stdlib"])
+def test_shipped_sweeps_are_valid_and_share_their_middle_point(name, variant, monkeypatch):
+  import importlib
+
+  s = importlib.import_module(f"configs.sweeps.{name}").get_config(variant)
+  devices = jax.devices() if "accel" in s.workdir or "tinyllama" in s.workdir else jax.devices()[:1]
+  if "tinyllama" in variant:  # its base is a placeholder path: the input check names it, in the first seconds
+    with pytest.raises(MixieError, match="YOUR_BUCKET.*not found"):
+      runner.validate(s, devices)
+    monkeypatch.setattr(topics, "check_run_inputs", lambda config: None)  # the rest of each config
+  points = runner.validate(s, devices)  # every point's config, before any work
+  tokens = importlib.import_module("configs.sweeps.tokens").get_config(variant)
+  assert s.workdir == tokens.workdir  # one sweep directory per variant
+  mid = {p.name: p for p in spec.points_of(tokens)}
+  for p in points:  # a point of the same name is the same run in every sweep of the variant
+    if p.name in mid:
+      assert spec.train_key(p.config) == spec.train_key(mid[p.name].config)
+  if name == "prefix":
+    (p,) = points
+    assert tuple(p.config.eval.prefix_tokens) == (8, 16, 32, 64)
+    assert any(spec.train_key(p.config) == spec.train_key(q.config) for q in mid.values())
+  if name == "tokens":
+    n = [p.config.train.tokens_per_expert for p in points if p.config.train.init == "scratch"]
+    assert len(n) >= 4 and n[-1] >= 32768 and n == sorted(n)
