@@ -237,7 +237,7 @@ def gpu_section(args, smoke=False):
          "seq_len": T, "rank": lora.rank, "base_matmul_params": n_matmul,
          "flops_per_token": flops_tok, "runs": []}
   for E in slots_list:
-    for remat in ([False, True] if not smoke else [True]):
+    for remat in (["minimal", "full"] if not smoke else ["full"]):
       spec = TrainSpec(cfg=cfg, lora=lora, opt=optim.OptConfig(lr=1e-4, warmup_steps=1), slots=E, remat=remat)
       mesh = make_mesh((1, 1, 1), ("expert", "data", "model"), jax.devices()[:1])
       rec = {"slots": E, "rows_per_slot": args.gpu_batch if not smoke else 1, "remat": remat}

@@ -73,7 +73,7 @@ def test_zero_b_experts_equal_base_exactly():
 # a small clip makes clipping active
 SPEC4 = tiny_spec(4, dropout=0.1, wd=0.05, clip=0.05)
 # the experts trained alone also rematerialise their layers: equal results show remat changes nothing
-SPEC1 = dataclasses.replace(tiny_spec(1, dropout=0.1, wd=0.05, clip=0.05), remat=True)
+SPEC1 = dataclasses.replace(tiny_spec(1, dropout=0.1, wd=0.05, clip=0.05), remat="full")
 TOPICS4 = [3, 7, 11, 5]
 
 

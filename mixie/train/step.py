@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from mixie import sharding as shd
+from mixie.errors import ConfigError
 from mixie.model.llama import (ACTIVATION_AXES, TRAINABLE, Llama, LlamaConfig, adapter_axes, bind, param_axes,
                                vmap_adapters)
 from mixie.model.lora import LoraConfig, init_expert
@@ -37,6 +38,7 @@ from mixie.train import optim
 MODES = ("experts", "lora_all", "full")
 BATCH_KEYS = ("tokens", "targets", "loss_mask")
 BATCH_AXES = ACTIVATION_AXES["tokens"]
+REMAT = ("none", "minimal", "full")  # the layers' remat policies, least recomputation first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +50,13 @@ class TrainSpec:
   opt: optim.OptConfig
   slots: int
   mode: str = "experts"
-  remat: bool = False
+  remat: str = "minimal"  # what the layers keep for the backward (`REMAT`; `Llama.__call__` explains)
   seed: int = 0
   ce_chunk: int = 1024  # tokens per chunk of the LM head + loss (`chunked_nll`)
+
+  def __post_init__(self):
+    if self.remat not in REMAT:
+      raise ConfigError(f"TrainSpec.remat={self.remat!r} is not one of {REMAT}")
 
   @property
   def lora_mode(self) -> bool:
@@ -193,12 +199,12 @@ def bind_trainable(spec: TrainSpec, trainable, base) -> Llama:
 def model_loss(spec: TrainSpec, model: Llama, tokens_bt, targets_bt, mask_bt, key):
   """Token-mean loss of ONE slot's model over its own tokens, and its token count.
 
-  The layers keep only `mixie.model.layers.SAVED` for the backward pass (`spec.remat`: only their
-  inputs); the logits `model` could make are never formed whole: the loss unembeds in chunks.
+  The layers keep what `spec.remat` says for the backward pass (by default only
+  `mixie.model.layers.SAVED`; "full": only their inputs); the logits `model` could make are never formed whole: the loss unembeds in chunks.
   """
   rate = spec.lora.dropout if spec.lora_mode else 0.0
   h_btd, _ = model(tokens_bt, dropout_key=key if rate > 0 else None,
-                   remat="full" if spec.remat else "minimal")
+                   remat=spec.remat)
   mask_bt = mask_bt.astype(jnp.float32)
   n = mask_bt.sum()
   nll = chunked_nll(model.logits, h_btd, targets_bt, mask_bt, spec.ce_chunk)
