@@ -92,3 +92,79 @@ def test_hf_tensors_round_trip(good, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert jax.tree.map(np.shape, params) == param_shapes(cfg)
   assert param_at(params, "q").shape == (2, 32, 32)
+
+
+# --- Qwen2: Llama plus q/k/v biases, against transformers' Qwen2ForCausalLM ---------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+  """A tiny random Qwen2 (GQA, untied) with non-zero q/k/v biases, saved by transformers, and loaded."""
+  import torch
+  import transformers
+
+  path = tmp_path_factory.mktemp("qwen2")
+  torch.manual_seed(0)
+  hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+      vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+      intermediate_size=96, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False)).eval()
+  with torch.no_grad():
+    for name, p in hf.named_parameters():
+      if name.endswith("_proj.bias"):  # HF initialises them to zero: make them matter
+        p.normal_(0.0, 0.5)
+  hf.save_pretrained(path)
+  cfg, params = checkpoint.load_hf(path)
+  return hf, cfg, params
+
+
+QWEN_TOKENS = np.random.default_rng(1).integers(0, 256, (2, 24))
+
+
+def test_qwen2_logits_match_transformers(qwen2):
+  import torch
+
+  from mixie.model.llama import forward
+  hf, cfg, params = qwen2
+  assert cfg.family == "qwen2" and param_at(params, "q_bias").shape == (2, 64)
+  with torch.no_grad():
+    ref = hf(torch.as_tensor(QWEN_TOKENS)).logits.float().numpy()
+  ours = np.asarray(forward(params, None, QWEN_TOKENS, cfg)[0])
+  np.testing.assert_array_less(np.abs(ours - ref).max(), 1e-4)
+  # the biases are read and used: without them the logits differ
+  unbiased = jax.tree_util.tree_map_with_path(
+      lambda p, x: np.zeros_like(x) if "bias" in jax.tree_util.keystr(p) else x, params)
+  assert np.abs(np.asarray(forward(unbiased, None, QWEN_TOKENS, cfg)[0]) - ref).max() > 1e-3
+
+
+def test_qwen2_greedy_20_tokens_match_transformers_with_and_without_cache(qwen2):
+  import torch
+
+  from mixie.model import generate as gen
+  hf, cfg, params = qwen2
+  prompt = QWEN_TOKENS[:1, :10]
+  with torch.no_grad():
+    ref = hf.generate(torch.as_tensor(prompt), max_new_tokens=20, do_sample=False,
+                      pad_token_id=0)[0, 10:].numpy()
+  for use_cache in (True, False):
+    out, n = gen.generate(params, None, prompt, np.array([10]), cfg, max_new=20, use_cache=use_cache)
+    np.testing.assert_array_equal(np.asarray(out)[0], ref)
+    assert int(n[0]) == 20
+
+
+def test_qwen2_row_and_its_refusals(qwen2, tmp_path):
+  """The row names every parameter of its model (the HF round trip, biases included); its GGUF files are
+  refused by name."""
+  _, cfg, params = qwen2
+  d = tmp_path / "again"
+  d.mkdir()
+  save_file(checkpoint.hf_tensors(cfg, params), d / "model.safetensors")
+  (d / "config.json").write_text(json.dumps({
+      "architectures": ["Qwen2ForCausalLM"], "vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2,
+      "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96,
+      "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}))
+  cfg2, params2 = checkpoint.load_hf(d)
+  assert cfg2 == cfg
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(MixieError, match="GGUF architecture 'qwen2' is not supported"):
+    families.for_gguf_architecture("qwen2", "x.gguf")

@@ -38,7 +38,8 @@ from mixie.model.tensor_sources import (GGUFSource, PathLike, SafetensorsFile,  
                                         SafetensorsSource, Source, gguf_value, open_gguf)
 
 _SINGLE = ("embed", "final_norm", "lm_head")  # one tensor each; the other keys have one per layer
-_KEEP_ORIENTATION = ("embed", "final_norm", "attn_norm", "mlp_norm")  # not `[out, in]` matrices
+# not `[out, in]` matrices: stored as in the file
+_KEEP_ORIENTATION = ("embed", "final_norm", "attn_norm", "mlp_norm", "q_bias", "k_bias", "v_bias")
 
 # ---------------------------------------------------------------------------------------------------
 # Architectures.
@@ -129,11 +130,9 @@ class _Leaf:
 
 
 def _leaf_specs(cfg: LlamaConfig, names: dict[str, str]) -> dict[str, _Leaf]:
-  """Each parameter key's file tensors, from a family row's name table."""
+  """Each parameter key's file tensors, from a family row's name table (the keys `cfg`'s model has)."""
   specs = {}
-  for key in PARAM_PATHS:
-    if key == "lm_head" and cfg.tie_embeddings:
-      continue
+  for key in _flat_shapes(cfg):
     stacked = key not in _SINGLE
     tensors = tuple(names[key].format(i=i) for i in range(cfg.n_layers)) if stacked else (names[key],)
     specs[key] = _Leaf(tensors, stacked, key not in _KEEP_ORIENTATION)

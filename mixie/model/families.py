@@ -27,7 +27,7 @@ class Family:
 
   name: str
   hf_architectures: tuple[str, ...]  # config.json "architectures" / "model_type" values read by this row
-  gguf_architecture: str  # GGUF "general.architecture"; metadata keys are "<this>.<key>"
+  gguf_architecture: str  # GGUF "general.architecture"; metadata keys are "<this>.<key>" ("": not read)
   hf_tensors: Mapping[str, str]  # parameter key -> HF tensor name
   gguf_tensors: Mapping[str, str]  # parameter key -> GGUF tensor name
   peft_modules: Mapping[str, str]  # projection -> module path under "model.layers.{i}."
@@ -42,7 +42,7 @@ class Family:
 
 
 # Switches the model implements today (`Family` field -> the values it supports).
-IMPLEMENTED = {"norm_offset": (0.0,), "activation": ("silu",), "qkv_bias": (False,),
+IMPLEMENTED = {"norm_offset": (0.0,), "activation": ("silu",), "qkv_bias": (False, True),
                "embed_scale": (False,), "sliding_window": (False,), "soft_capping": (False,),
                "post_norms": (False,)}
 
@@ -71,7 +71,20 @@ LLAMA = Family(
     hf_ignored=(".rotary_emb.inv_freq",),
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA,)}
+# Qwen2 / Qwen2.5: Llama plus q/k/v biases (HF safetensors only: its GGUF files are not read yet).
+QWEN2 = Family(
+    name="qwen2",
+    hf_architectures=("Qwen2ForCausalLM", "qwen2"),
+    gguf_architecture="",
+    hf_tensors={**LLAMA.hf_tensors, **{f"{p}_bias": f"model.layers.{{i}}.self_attn.{p}_proj.bias"
+                                       for p in ("q", "k", "v")}},
+    gguf_tensors={},
+    peft_modules=LLAMA.peft_modules,
+    hf_ignored=LLAMA.hf_ignored,
+    qkv_bias=True,
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, QWEN2)}
 
 
 def get(name: str) -> Family:
@@ -97,9 +110,9 @@ def for_hf_architecture(archs, where: str) -> Family:
 def for_gguf_architecture(arch: str, where: str) -> Family:
   """The row that reads GGUF files of `general.architecture == arch`."""
   for fam in FAMILIES.values():
-    if fam.gguf_architecture == arch:
+    if fam.gguf_architecture and fam.gguf_architecture == arch:
       return get(fam.name)
-  known = sorted(f.gguf_architecture for f in FAMILIES.values())
+  known = sorted(f.gguf_architecture for f in FAMILIES.values() if f.gguf_architecture)
   raise MixieError(f"{where}: GGUF architecture {arch!r} is not supported (mixie reads {known})")
 
 

@@ -105,18 +105,23 @@ class LoRA(nnx.Module):
 
 
 class Linear(nnx.Module):
-  """`x @ kernel` (`[in, out]`, frozen), plus the `lora` update when an expert targets it. The dense
-  `kernel + a @ b` is never formed; matmuls run in x's dtype with f32 accumulation."""
+  """`x @ kernel` (`[in, out]`, frozen) plus `bias` (`[out]`, frozen, when `bias`), plus the `lora`
+  update when an expert targets it. The dense `kernel + a @ b` is never formed; matmuls run in x's dtype
+  with f32 accumulation."""
 
-  def __init__(self, d_in: int, d_out: int, axes, cfg: LlamaConfig, *, lora=None, rngs: nnx.Rngs):
+  def __init__(self, d_in: int, d_out: int, axes, cfg: LlamaConfig, *, lora=None, bias: bool = False,
+               rngs: nnx.Rngs):
     w = 0.02 * jax.random.normal(rngs.params(), (d_in, d_out))
     self.kernel = param(w.astype(cfg.param_dtype), axes)
+    self.bias = param(jnp.zeros((d_out,), cfg.param_dtype), axes[1:]) if bias else None
     self.lora = None if lora is None else LoRA(d_in, d_out, lora.rank, scale=lora.scale,
                                                dropout=lora.dropout, dtype=lora.dtype, rngs=rngs)
 
   def __call__(self, x_nd, dropout_key=None, mask_shape=None):
     y_nf = jnp.einsum("nd,df->nf", x_nd, self.kernel[...].astype(x_nd.dtype),
                       preferred_element_type=jnp.float32)
+    if self.bias is not None:
+      y_nf = y_nf + self.bias[...].astype(jnp.float32)
     if self.lora is not None:
       y_nf = y_nf + self.lora(x_nd, dropout_key, mask_shape)
     return y_nf.astype(x_nd.dtype)
@@ -177,9 +182,10 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, adapters: dict, *, rngs: nnx.Rngs):
     D, NH, KH = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    self.q = Linear(D, NH, ("embed", "heads"), cfg, lora=adapters.get("q"), rngs=rngs)
-    self.k = Linear(D, KH, ("embed", "kv_heads"), cfg, lora=adapters.get("k"), rngs=rngs)
-    self.v = Linear(D, KH, ("embed", "kv_heads"), cfg, lora=adapters.get("v"), rngs=rngs)
+    bias = families.get(cfg.family).qkv_bias
+    self.q = Linear(D, NH, ("embed", "heads"), cfg, lora=adapters.get("q"), bias=bias, rngs=rngs)
+    self.k = Linear(D, KH, ("embed", "kv_heads"), cfg, lora=adapters.get("k"), bias=bias, rngs=rngs)
+    self.v = Linear(D, KH, ("embed", "kv_heads"), cfg, lora=adapters.get("v"), bias=bias, rngs=rngs)
     self.o = Linear(NH, D, ("heads", "embed"), cfg, lora=adapters.get("o"), rngs=rngs)
     self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     self.impl = cfg.attention_impl

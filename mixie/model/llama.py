@@ -42,6 +42,7 @@ PARAM_PATHS = {
     "embed": ("embed", "embedding"), "final_norm": ("final_norm", "scale"), "lm_head": ("lm_head", "kernel"),
     "attn_norm": ("layers", "attn_norm", "scale"), "mlp_norm": ("layers", "mlp_norm", "scale"),
     **{p: ("layers",) + m + ("kernel",) for p, m in PROJECTION_MODULE.items()},
+    **{f"{p}_bias": ("layers", "attn", p, "bias") for p in ("q", "k", "v")},  # families with qkv_bias
 }
 
 # Logical axes of the activations a jitted step places (its inputs and outputs besides parameters and
