@@ -1,7 +1,7 @@
 """Compute accounting (`mixie.compute`) against independent counts: the FLOPs per token equal the matmuls of
-the compiled train step (counted from their shapes in XLA's optimised HLO, `hlo_flops.dot_flops`), and
-every evaluation row's tokens and FLOPs equal the tokens the trained steps counted on the devices
-(metrics.jsonl) times that count.
+the compiled train step, built with remat "none" (counted from their shapes in XLA's optimised HLO,
+`hlo_flops.dot_flops`), and every evaluation row's tokens and FLOPs equal the tokens the trained steps
+counted on the devices (metrics.jsonl) times that count.
 
 Tolerance: none for FLOPs per token (both sides count the same integer multiply-adds; the test fails
 the day XLA computes more or fewer matmuls than the formulas say, e.g. a recomputation); 1e-9 relative
