@@ -12,6 +12,7 @@ from mixie.errors import MixieError
 from mixie.model import checkpoint, families
 from mixie.model.llama import param_at, param_shapes
 from mixie.model.lora import PROJECTION_MODULE
+from hf_parity import assert_greedy_matches_hf
 from run_utils import write_tiny_hf_llama
 
 
@@ -137,18 +138,8 @@ def test_qwen2_logits_match_transformers(qwen2):
 
 
 def test_qwen2_greedy_20_tokens_match_transformers_with_and_without_cache(qwen2):
-  import torch
-
-  from mixie.model import generate as gen
   hf, cfg, params = qwen2
-  prompt = QWEN_TOKENS[:1, :10]
-  with torch.no_grad():
-    ref = hf.generate(torch.as_tensor(prompt), max_new_tokens=20, do_sample=False,
-                      pad_token_id=0)[0, 10:].numpy()
-  for use_cache in (True, False):
-    out, n = gen.generate(params, None, prompt, np.array([10]), cfg, max_new=20, use_cache=use_cache)
-    np.testing.assert_array_equal(np.asarray(out)[0], ref)
-    assert int(n[0]) == 20
+  assert_greedy_matches_hf(hf, params, cfg, QWEN_TOKENS[:1, :10], ({"use_cache": True}, {"use_cache": False}))
 
 
 def test_qwen2_row_and_its_refusals(qwen2, tmp_path):

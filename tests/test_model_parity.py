@@ -23,6 +23,7 @@ from mixie.model.llama import bind, forward, init_cache, param_at, param_axes
 from mixie.model.lora import LoraConfig, expert_shapes
 from mixie.model.tokenizer import Tokenizer, pad_right
 from mixie.sharding import make_mesh, tree_shardings
+from hf_parity import assert_greedy_matches_hf
 
 TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
@@ -180,15 +181,8 @@ def test_decode_step_vmaps_over_rows_with_per_row_experts(tiny):
 
 def test_tiny_greedy_20_tokens_match_transformers_with_and_without_cache(tiny):
   model, cfg, params = tiny
-  prompt = TOKENS[:1, :10]
-  with torch.no_grad():
-    ref = model.generate(torch.as_tensor(prompt), max_new_tokens=20, do_sample=False,
-                         pad_token_id=0)[0, 10:].numpy()
-  for use_cache, unstack in ((True, True), (True, False), (False, False)):
-    out, n = gen.generate(params, None, prompt, np.array([10]), cfg, max_new=20, use_cache=use_cache,
-                          unstack=unstack)
-    np.testing.assert_array_equal(np.asarray(out)[0], ref)
-    assert int(n[0]) == 20
+  variants = [{"use_cache": c, "unstack": u} for c, u in ((True, True), (True, False), (False, False))]
+  assert_greedy_matches_hf(model, params, cfg, TOKENS[:1, :10], variants)
 
 
 def test_unstacked_layers_match_stacked(tiny):
