@@ -48,11 +48,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from hf_peer import hf_llama_config, peft_targets  # noqa: E402
-from mixie.model.generate import decode_step, prefill, sample_logits  # noqa: E402
-from mixie.model.llama import LlamaConfig, PRESETS, init_cache, init_params, unstack_layers  # noqa: E402
+from mixie.model.generate import Decoder, sample_logits  # noqa: E402
+from mixie.model.llama import LlamaConfig, PRESETS, bind, init_cache, init_params  # noqa: E402
 from mixie.model.lora import LoraConfig, expert_shapes  # noqa: E402
-from mixie.serve.batched import (gather_experts, layer_major, rows_decode_step,  # noqa: E402
-                                 rows_prefill)
+from mixie.serve.batched import gather_experts, layer_major  # noqa: E402
 
 
 def _log(msg):
@@ -106,23 +105,26 @@ def mixie_variants(cfg, params, lora, *, rows, prompt_len, new_tokens, seed=0):
 
   def variant(kind, e):
     """Jitted prefill and k-step decode; weights and experts are arguments, not constants."""
-    pre, dec = (prefill, decode_step)
-    if kind == "mixed":  # as generate_rows: experts in layer-major layout, gathered once per batch
-      pre = functools.partial(rows_prefill, expert_axis=1)
-      dec = functools.partial(rows_decode_step, expert_axis=1)
+
+    def decoder(params, e, step=False):  # as generate_rows for a mixed batch (rows' experts `[b, ...]`)
+      if kind != "mixed":
+        return Decoder.of(bind(cfg, params, e, lora_scale=scale))
+      if step and unstack:
+        return Decoder.of(bind(cfg, params, e, lora_scale=scale), 0)
+      return Decoder.of(bind(cfg, params, layer_major(e), lora_scale=scale), 1)
 
     @jax.jit
     def run_prefill(params, e, tokens, lengths):
-      return pre(params, e, tokens, lengths, init_cache(cfg, b, t + k), cfg, lora_scale=scale)
+      return decoder(params, e).prefill(tokens, lengths, init_cache(cfg, b, t + k))
 
     @jax.jit
     def run_decode(params, e, logits, cache):
-      if unstack:  # as generate / generate_rows on CPU
-        params = unstack_layers(params)
+      dec = decoder(params, e, step=True)
+      dec = dec.unstacked() if unstack else dec  # as generate / generate_rows on CPU
 
       def body(_, carry):
         logits, cache = carry
-        return dec(params, e, sample_logits(logits, None), cache, cfg, lora_scale=scale)
+        return dec.step(sample_logits(logits, None), cache)
       return jax.lax.fori_loop(0, k, body, (logits, cache))
 
     state = run_prefill(params, e, tokens, lengths)
@@ -130,7 +132,7 @@ def mixie_variants(cfg, params, lora, *, rows, prompt_len, new_tokens, seed=0):
             _timer(lambda: jax.block_until_ready(run_decode(params, e, *state))), k)
 
   variants = {f"mixie_{kind}": variant(kind, e) for kind, e in
-              (("mixed", layer_major(experts_b)), ("one", one), ("base", None))}
+              (("mixed", experts_b), ("one", one), ("base", None))}
   # Decode streams the weights every step: the base once, plus one expert (one) or b experts (mixed).
   nbytes = lambda tree: int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))  # noqa: E731
   w, e = nbytes(params), nbytes(one)

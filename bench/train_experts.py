@@ -56,7 +56,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hf_peer import hf_llama_config, peft_targets  # noqa: E402
 from mixie.model.llama import PRESETS, init_params  # noqa: E402
 from mixie.model.lora import LoraConfig  # noqa: E402
-from mixie.interop.peft import HF_MODULE  # noqa: E402
 from mixie.sharding import make_mesh  # noqa: E402
 from mixie.train import optim  # noqa: E402
 from mixie.train.step import TrainSpec, compile_fns, create_state  # noqa: E402
@@ -119,18 +118,11 @@ def mixie_sequential(cfg, base, E, steps, b, T, lora):
 def _hf_model(cfg, base):
   import torch
   import transformers
+
+  from mixie.model.checkpoint import hf_tensors
   model = transformers.LlamaForCausalLM(hf_llama_config(cfg))
-  host = jax.tree.map(np.asarray, jax.device_get(base))
-  sd = {"model.embed_tokens.weight": host["embed"], "model.norm.weight": host["final_norm"]}
-  if not cfg.tie_embeddings:
-    sd["lm_head.weight"] = host["lm_head"].T
-  for i in range(cfg.n_layers):
-    lay = host["layers"]
-    sd[f"model.layers.{i}.input_layernorm.weight"] = lay["attn_norm"][i]
-    sd[f"model.layers.{i}.post_attention_layernorm.weight"] = lay["mlp_norm"][i]
-    for p, name in HF_MODULE.items():
-      sd[f"model.layers.{i}.{name}.weight"] = lay[p][i].T
-  model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, strict=False)
+  sd = hf_tensors(cfg, base)
+  model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
   if cfg.tie_embeddings:
     model.tie_weights()
   return model
@@ -245,7 +237,7 @@ def gpu_section(args, smoke=False):
          "seq_len": T, "rank": lora.rank, "base_matmul_params": n_matmul,
          "flops_per_token": flops_tok, "runs": []}
   for E in slots_list:
-    for remat in ([False, True] if not smoke else [True]):
+    for remat in (["minimal", "full"] if not smoke else ["full"]):
       spec = TrainSpec(cfg=cfg, lora=lora, opt=optim.OptConfig(lr=1e-4, warmup_steps=1), slots=E, remat=remat)
       mesh = make_mesh((1, 1, 1), ("expert", "data", "model"), jax.devices()[:1])
       rec = {"slots": E, "rows_per_slot": args.gpu_batch if not smoke else 1, "remat": remat}

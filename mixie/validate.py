@@ -27,20 +27,10 @@ def _stamp(path: pathlib.Path) -> tuple:
 @functools.lru_cache(maxsize=8)
 def _check_headers(source: str, path: str, stamp: tuple) -> None:
   """Every tensor the base needs is listed with its shape, its metadata gives a supported architecture
-  and no tensor lies past the end of its file. Headers only, through `mixie.model.checkpoint`'s own
-  readers (the same ones `load_hf` / `load_gguf` validate with before they read any weight)."""
+  and no tensor lies past the end of its file. Headers only (`mixie.model.checkpoint.check_headers`: the
+  same checks `load_hf` / `load_gguf` run before they read any weight)."""
   del stamp  # only part of the cache key
-  # (the private names are that module's header-only path; kept to this one function on purpose)
-  if source == "gguf":
-    p = pathlib.Path(path)
-    reader = checkpoint.open_gguf(p)
-    cfg = checkpoint.gguf_config(reader, p)
-    specs = checkpoint._leaf_specs(cfg, checkpoint._GGUF_LAYER, checkpoint._GGUF_TOP)
-    checkpoint._validate(cfg, specs, checkpoint._GGUFSource(reader, p, cfg))
-  else:  # hf
-    cfg = checkpoint.hf_config(path)
-    specs = checkpoint._leaf_specs(cfg, checkpoint._HF_LAYER, checkpoint._HF_TOP)
-    checkpoint._validate(cfg, specs, checkpoint._SafetensorsSource(pathlib.Path(path)))
+  checkpoint.check_headers(source, path)
 
 
 def check_base(model_cfg) -> None:

@@ -69,7 +69,7 @@ def _raises(fn, *needles):
 
 def test_good_checkpoint_loads(good):
   cfg, params = checkpoint.load_hf(good)
-  assert params["layers"]["q"].shape == (2, 32, 32)
+  assert params["layers"]["attn"]["q"]["kernel"].shape == (2, 32, 32)
 
 
 def test_missing_directory(tmp_path, nothing_built):
@@ -206,4 +206,4 @@ def test_load_base_hf(good, tmp_path):
                                             attention_impl="xla"))
   # EOS: tokenizer_config's "</s>" (1) and config.json's / generation_config.json's eos_token_id (2)
   assert (cfg.param_dtype, cfg.attention_impl, t.bos_id, t.eos_ids) == ("bfloat16", "xla", 0, (1, 2))
-  assert params["layers"]["q"].dtype == jax.numpy.bfloat16
+  assert params["layers"]["attn"]["q"]["kernel"].dtype == jax.numpy.bfloat16

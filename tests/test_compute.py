@@ -1,12 +1,13 @@
 """Compute accounting (`mixie.compute`) against independent counts: the FLOPs per token equal the matmuls of
-the compiled train step (counted from their shapes in XLA's optimised HLO, `hlo_flops.dot_flops`), and
-every evaluation row's tokens and FLOPs equal the tokens the trained steps counted on the devices
-(metrics.jsonl) times that count.
+the compiled train step, built with remat "none" (counted from their shapes in XLA's optimised HLO,
+`hlo_flops.dot_flops`), and every evaluation row's tokens and FLOPs equal the tokens the trained steps
+counted on the devices (metrics.jsonl) times that count.
 
 Tolerance: none for FLOPs per token (both sides count the same integer multiply-adds; the test fails
 the day XLA computes more or fewer matmuls than the formulas say, e.g. a recomputation); 1e-9 relative
 for a row's FLOPs (a sum of float products)."""
 
+import dataclasses
 import json
 
 import jax
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 
 from mixie import compute
-from mixie.model.llama import config_from_hf, init_params
+from mixie.model.checkpoint import config_from_hf
+from mixie.model.llama import init_params
 from mixie.model.lora import LoraConfig
 from mixie.train.step import compile_fns, create_state
 from hlo_flops import dot_flops
@@ -24,7 +26,9 @@ B, T = 2, 16
 
 
 def _step_flops_per_token(spec, cfg, base, b=B, t=T) -> float:
-  """Matmul FLOPs of one compiled train step per token position, from XLA's optimised HLO."""
+  """Matmul FLOPs of one compiled train step per token position, from XLA's optimised HLO. The step
+  keeps every activation (remat "none"): model FLOPs leave recomputation out (`mixie.compute`)."""
+  spec = dataclasses.replace(spec, remat="none")
   m = mesh()
   comp = compile_fns(spec, m, RULES, jax.eval_shape(lambda: base))
   n = spec.slots

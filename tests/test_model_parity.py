@@ -1,7 +1,10 @@
-"""Logits and generation parity with HF transformers' LlamaForCausalLM.
+"""Logits and generation parity with HF transformers' LlamaForCausalLM, through the NNX modules.
 
 (a) tiny random Llamas (GQA, untied; sharded index; Llama-3 rope scaling) saved with `save_pretrained`;
-(b) the shipped SmolLM2-135M GGUF (30 layers), loaded by transformers' own GGUF support.
+    20 greedy tokens with and without the KV cache;
+(b) the shipped SmolLM2-135M GGUF (30 layers), loaded by transformers' own GGUF support: logits and 20
+    greedy tokens with the cache (the recompute-everything path is checked on the tiny model: on
+    SmolLM2 it cost prompt + 20 full 30-layer forwards).
 """
 
 import json
@@ -16,10 +19,11 @@ from jax.sharding import NamedSharding
 
 from mixie import assets
 from mixie.model import checkpoint, generate as gen
-from mixie.model.llama import forward, init_cache, param_axes, unstack_layers
+from mixie.model.llama import bind, forward, init_cache, param_at, param_axes
 from mixie.model.lora import LoraConfig, expert_shapes
 from mixie.model.tokenizer import Tokenizer, pad_right
 from mixie.sharding import make_mesh, tree_shardings
+from hf_parity import assert_greedy_matches_hf
 
 TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
@@ -62,15 +66,15 @@ def test_sharded_index_into_sharded_params(tmp_path, monkeypatch):
   mesh = make_mesh((2, 4), ("data", "model"))
   rules = (("heads", "model"), ("kv_heads", "model"), ("mlp", "model"), ("vocab", "data"))
   reads = []
-  real_read = checkpoint._SafetensorsSource.read
-  monkeypatch.setattr(checkpoint._SafetensorsSource, "read",
+  real_read = checkpoint.SafetensorsSource.read
+  monkeypatch.setattr(checkpoint.SafetensorsSource, "read",
                       lambda self, name, idx: reads.append(name) or real_read(self, name, idx))
   monkeypatch.setattr(checkpoint, "_read_block", _quarter_blocks(checkpoint._read_block))
   cfg, params = checkpoint.load_hf(
       tmp_path, shardings=lambda c: tree_shardings(param_axes(c), mesh, rules))
   # q has 4 distinct column blocks on 8 devices: layer 0's tensor is read once per block, not per device
   assert reads.count("model.layers.0.self_attn.q_proj.weight") == 4
-  q = params["layers"]["q"]
+  q = param_at(params, "q")
   assert isinstance(q.sharding, NamedSharding) and q.sharding.spec[2] == "model"
   assert len({str(s.index) for s in q.addressable_shards}) == 4  # really split, not replicated
   ours = np.asarray(jax.jit(lambda p, t: forward(p, None, t, cfg)[0])(params, TOKENS))
@@ -175,21 +179,14 @@ def test_decode_step_vmaps_over_rows_with_per_row_experts(tiny):
   assert np.abs(np.asarray(got[1][0] - got[1][1])).max() > 1e-3
 
 
-def test_tiny_greedy_generation_matches_transformers(tiny):
+def test_tiny_greedy_20_tokens_match_transformers_with_and_without_cache(tiny):
   model, cfg, params = tiny
-  prompt = TOKENS[:1, :10]
-  with torch.no_grad():
-    ref = model.generate(torch.as_tensor(prompt), max_new_tokens=8, do_sample=False,
-                         pad_token_id=0)[0, 10:].numpy()
-  for use_cache, unstack in ((True, True), (True, False), (False, False)):
-    out, n = gen.generate(params, None, prompt, np.array([10]), cfg, max_new=8, use_cache=use_cache,
-                          unstack=unstack)
-    np.testing.assert_array_equal(np.asarray(out)[0], ref)
-    assert int(n[0]) == 8
+  variants = [{"use_cache": c, "unstack": u} for c, u in ((True, True), (True, False), (False, False))]
+  assert_greedy_matches_hf(model, params, cfg, TOKENS[:1, :10], variants)
 
 
 def test_unstacked_layers_match_stacked(tiny):
-  """`unstack_layers` (a Python loop over per-layer weights) computes the same as the scan."""
+  """`Llama.unstacked` (a Python loop over per-layer blocks) computes the same as the scan."""
   _, cfg, params = tiny
   lora = LoraConfig(rank=2, alpha=4.0)
   rng = np.random.default_rng(1)
@@ -197,8 +194,14 @@ def test_unstacked_layers_match_stacked(tiny):
                         expert_shapes(cfg, lora), is_leaf=lambda x: isinstance(x, tuple))
   cache = dict(init_cache(cfg, 2, 12), length=jnp.array([3, 5], jnp.int32))
   cache["k"] = jnp.asarray(rng.standard_normal(cache["k"].shape), jnp.float32)
-  run = jax.jit(lambda p, c: forward(p, expert, TOKENS[:, :4], cfg, lora_scale=2.0, cache=c))
-  (a, ca), (b, cb) = run(params, cache), run(unstack_layers(params), cache)
+
+  def run(p, c, unstack):
+    model = bind(cfg, p, expert, lora_scale=2.0)
+    model = model.unstacked() if unstack else model
+    h, c = model(TOKENS[:, :4], cache=c)
+    return model.logits(h), c
+
+  (a, ca), (b, cb) = [jax.jit(run, static_argnums=2)(params, cache, u) for u in (False, True)]
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
   for n in ("k", "v", "length"):
     np.testing.assert_allclose(np.asarray(ca[n]), np.asarray(cb[n]), atol=1e-5)
@@ -279,10 +282,3 @@ def test_smollm2_greedy_20_tokens_match_transformers_with_cache(smollm2):
   np.testing.assert_array_equal(np.asarray(out), np.stack(greedy))
   assert (np.asarray(n) == 20).all()
 
-
-def test_smollm2_greedy_20_tokens_match_transformers_without_cache(smollm2):
-  """The recompute-everything path (one row: it costs prompt + 20 full forwards)."""
-  cfg, params, _, _, prompts, greedy = smollm2
-  out, _ = gen.generate(params, None, np.array([prompts[1]]), np.array([len(prompts[1])]), cfg,
-                        max_new=20, use_cache=False)
-  np.testing.assert_array_equal(np.asarray(out)[0], greedy[1])

@@ -31,7 +31,7 @@ NO_STOP = jnp.asarray([-2], jnp.int32)  # matches no token
 def _model():
   """A random base and N_EXPERTS random experts with non-zero b (fresh ones would equal the base)."""
   rng = np.random.default_rng(0)
-  params = random_tree(param_shapes(CFG), rng, 0.02, ones=("attn_norm", "mlp_norm", "final_norm"))
+  params = random_tree(param_shapes(CFG), rng, 0.02, ones=("scale",))  # norms: 1
   shapes = jax.tree.map(lambda s: (N_EXPERTS,) + s, expert_shapes(CFG, LORA),
                         is_leaf=lambda x: isinstance(x, tuple))
   experts = random_tree(shapes, rng, 0.2)

@@ -2,6 +2,7 @@
 
 import jax
 
+from mixie.model.config import projection_dims
 from mixie.model.llama import PRESETS, count_params, param_shapes
 from mixie.model.lora import LoraConfig
 from mixie.train.memory import expert_param_count, moin5k_report, wave_memory
@@ -14,7 +15,8 @@ def test_tinyllama_5000_experts_parameter_count():
   lora = LoraConfig(rank=16, alpha=32.0)
   n = expert_param_count(cfg, lora, 5000)
   # by hand: per layer and projection r * (d_in + d_out)
-  per_layer = sum(16 * (s[1] + s[2]) for p, s in param_shapes(cfg)["layers"].items() if p in lora.targets)
+  per_layer = sum(16 * (d_in + d_out) for p, (d_in, d_out) in projection_dims(cfg).items()
+                  if p in lora.targets)
   assert n == 5000 * cfg.n_layers * per_layer
   assert round(n / 1e9, 1) == 63.1
 

@@ -77,7 +77,7 @@ def test_corrupt_base_fails_before_any_embedding(tmp_path, no_embedding):
     topics_lib.run_cluster(ok, log=lambda *_: None)
   cfg = json.loads((hf / "config.json").read_text())
   (hf / "config.json").write_text(json.dumps({**cfg, "attention_bias": True}))
-  with pytest.raises(MixieError, match="attention_bias/mlp_bias are not supported"):
+  with pytest.raises(MixieError, match="config.json: attention_bias=True is not supported for the llama family"):
     check_base(ok.model)
   with pytest.raises(ConfigError, match="model.source"):
     check_base(_config(tmp_path, source="onnx").model)

@@ -4,7 +4,7 @@
 the document given its prefix, under the base plus that pair's expert. It is the serving engine's
 mixed-expert forward (`mixie.serve.batched`): the rows of a batch gather their experts from an
 on-device `ExpertCache` (`[c, ...]` -> `[b, ...]`; expert -1 is the zero expert, exactly the base) and
-`forward` is vmapped over the rows with the base broadcast. Pairs are sorted by expert, so a batch
+the model is `nnx.vmap`ped over the rows with the base broadcast. Pairs are sorted by expert, so a batch
 touches few experts and each expert is loaded about once; every batch has the same `[batch, length]`
 shape, so a call compiles once.
 

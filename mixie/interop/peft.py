@@ -30,12 +30,12 @@ import safetensors.numpy
 from mixie.errors import MixieError, check
 from mixie.io import PathLike, atomic_write_bytes, atomic_write_json, path as _path, read_json
 from mixie.model.checkpoint import SafetensorsFile
+from mixie.model.families import LLAMA
 from mixie.model.llama import PROJECTIONS
 from mixie.model.lora import LoraConfig
 
 PREFIX = "base_model.model.model.layers"
-HF_MODULE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-             "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+HF_MODULE = dict(LLAMA.peft_modules)  # projection -> PEFT module path (the architecture table's row)
 HF_PROJ = {p: m.split(".")[1] for p, m in HF_MODULE.items()}  # q -> q_proj, ...
 _FROM_HF = {v: k for k, v in HF_PROJ.items()}
 _NAME = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])"

@@ -1,12 +1,15 @@
-"""Checkpoint import: HF safetensors directories and GGUF files, into the stacked parameter tree.
+"""Checkpoint import: HF safetensors directories and GGUF files, into the model's parameter tree.
 
-Both formats go through one path: a *tensor source* answers "shape of tensor X" from the file headers
-alone, and "rows r, columns c of tensor X" by reading only those bytes (safetensors through a memory map,
-GGUF through `gguf`'s memory-mapped reader and dequantizer). Loading then
+Both formats go through one path. The family's row (`mixie.model.families`) names every tensor; a
+tensor source (`mixie.model.tensor_sources`) answers "shape of tensor X" from the file headers alone
+and "rows r, columns c of tensor X" by reading only those bytes. Loading then
 
-1. validates everything against the expected shapes before any array exists (missing directory, file,
-   tensor, wrong shape, truncated file: `MixieError` naming the file and the tensor), and
-2. builds each leaf with `jax.make_array_from_callback`, so every device shard is assembled from just
+1. reads the architecture (`hf_config`, `gguf_config`): a field the family does not support fails
+   with one message naming it;
+2. validates every tensor against the expected shapes before any array exists (missing directory,
+   file, tensor, wrong shape, truncated file, a tensor the family does not have: `MixieError` naming
+   the file and the tensor), and
+3. builds each leaf with `jax.make_array_from_callback`, so every device shard is assembled from just
    the slices it needs, cast to `param_dtype` per tensor. At most one leaf's shard is held on the host
    at a time: a 7B checkpoint never needs two full copies in host memory.
 
@@ -19,10 +22,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import os
 import pathlib
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,246 +31,91 @@ import ml_dtypes
 import numpy as np
 
 from mixie.errors import MixieError
-from mixie.model.llama import LlamaConfig, Params, config_from_hf, param_shapes
+from mixie.model import families
+from mixie.model.config import LlamaConfig
+from mixie.model.llama import PARAM_PATHS, Params, param_at, param_shapes
+from mixie.model.tensor_sources import (GGUFSource, PathLike, SafetensorsFile,  # noqa: F401 (re-exported)
+                                        SafetensorsSource, Source, gguf_value, open_gguf)
 
-PathLike = str | os.PathLike
-
-# mixie layer leaf -> per-layer tensor name (HF, GGUF); matrices are transposed on the way in.
-_HF_LAYER = {
-    "attn_norm": "model.layers.{i}.input_layernorm.weight",
-    "q": "model.layers.{i}.self_attn.q_proj.weight",
-    "k": "model.layers.{i}.self_attn.k_proj.weight",
-    "v": "model.layers.{i}.self_attn.v_proj.weight",
-    "o": "model.layers.{i}.self_attn.o_proj.weight",
-    "mlp_norm": "model.layers.{i}.post_attention_layernorm.weight",
-    "gate": "model.layers.{i}.mlp.gate_proj.weight",
-    "up": "model.layers.{i}.mlp.up_proj.weight",
-    "down": "model.layers.{i}.mlp.down_proj.weight",
-}
-_HF_TOP = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
-           "lm_head": "lm_head.weight"}
-_GGUF_LAYER = {
-    "attn_norm": "blk.{i}.attn_norm.weight", "q": "blk.{i}.attn_q.weight", "k": "blk.{i}.attn_k.weight",
-    "v": "blk.{i}.attn_v.weight", "o": "blk.{i}.attn_output.weight", "mlp_norm": "blk.{i}.ffn_norm.weight",
-    "gate": "blk.{i}.ffn_gate.weight", "up": "blk.{i}.ffn_up.weight", "down": "blk.{i}.ffn_down.weight",
-}
-_GGUF_TOP = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}
-
+_SINGLE = ("embed", "final_norm", "lm_head")  # one tensor each; the other keys have one per layer
+# not `[out, in]` matrices: stored as in the file
+_KEEP_ORIENTATION = ("embed", "final_norm", "attn_norm", "mlp_norm", "q_bias", "k_bias", "v_bias")
 
 # ---------------------------------------------------------------------------------------------------
-# Tensor sources: shapes from headers, lazy slices of single tensors.
+# Architectures.
 
 
-class _Source:
-  """Named tensors in `[out, in]` (file) orientation, read lazily."""
-
-  def shape(self, name: str) -> tuple[int, ...] | None:
-    """Shape of `name`, or None when absent."""
-    raise NotImplementedError
-
-  def file_of(self, name: str) -> str:
-    """The file that holds (or should hold) `name`, for messages."""
-    raise NotImplementedError
-
-  def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-    """`tensor[index]` as a numpy array (float types as stored, or f32 for quantized GGUF)."""
-    raise NotImplementedError
-
-
-_ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-
-
-class SafetensorsFile:
-  """One `.safetensors` file: the JSON header parsed up front, tensors as views of a memory map.
-
-  (`safetensors.safe_open(framework="numpy")` cannot return bfloat16, the dtype most Llama checkpoints
-  use, so the simple, documented format is read directly: an 8-byte little-endian header length, a
-  JSON header `{name: {dtype, shape, data_offsets}}`, then the raw bytes.)
-  """
-
-  def __init__(self, path: pathlib.Path, listed_in: pathlib.Path | None = None):
-    self.path = path
-    try:
-      size = path.stat().st_size
-      with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if size < 8 or n <= 0 or 8 + n > size:
-          raise ValueError("header length exceeds the file")
-        header = json.loads(f.read(n))
-    except FileNotFoundError:
-      where = f" (listed in {listed_in})" if listed_in else ""
-      raise MixieError(f"{path}: file not found{where}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-      raise MixieError(f"{path}: not a valid safetensors file ({e})") from None
-    header.pop("__metadata__", None)
-    self.data_start = 8 + n
-    self.data_size = size - self.data_start
-    self.entries: dict[str, tuple[Any, tuple[int, ...], int, int]] = {}
-    for name, e in header.items():
-      try:
-        dt = e["dtype"]
-        shape = tuple(int(s) for s in e["shape"])
-        begin, end = (int(o) for o in e["data_offsets"])
-      except (KeyError, TypeError, ValueError):
-        raise MixieError(f"{path}: tensor {name!r} has a malformed header entry") from None
-      if dt not in _ST_DTYPES:
-        raise MixieError(f"{path}: tensor {name!r} has unsupported dtype {dt}")
-      np_dt = np.dtype(_ST_DTYPES[dt])
-      if end - begin != math.prod(shape) * np_dt.itemsize:
-        raise MixieError(f"{path}: tensor {name!r}: byte range does not match shape {shape} {dt}")
-      if end > self.data_size:
-        raise MixieError(f"{path}: tensor {name!r} lies past the end of the file "
-                         "(truncated download?)")
-      self.entries[name] = (np_dt, shape, begin, end)
-    self._mm = None
-
-  def array(self, name: str) -> np.ndarray:
-    """A read-only, memory-mapped view of tensor `name` (no bytes read until sliced)."""
-    if self._mm is None:
-      self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
-    dt, shape, begin, end = self.entries[name]
-    return self._mm[self.data_start + begin:self.data_start + end].view(dt).reshape(shape)
+def config_from_hf(hf: dict[str, Any], where: str = "config.json", **overrides) -> LlamaConfig:
+  """`LlamaConfig` from an HF `config.json` dict; `MixieError` naming an unsupported architecture or
+  field (`where` names the file)."""
+  archs = hf.get("architectures") or [hf.get("model_type", "?")]
+  fam = families.for_hf_architecture(archs, where)
+  families.check_hf_fields(fam, hf, where)
+  scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
+  kind = scaling and scaling.get("rope_type", scaling.get("type"))
+  rope_scaling = None
+  if kind == "llama3":
+    rope_scaling = (float(scaling["factor"]), float(scaling["low_freq_factor"]),
+                    float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
+  elif kind not in (None, "default"):
+    raise MixieError(f"{where}: unsupported rope_scaling {scaling!r} (supported: none, llama3)")
+  theta = hf.get("rope_theta") or (scaling or {}).get("rope_theta") or 10000.0
+  n_heads = hf["num_attention_heads"]
+  return LlamaConfig(
+      vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+      n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+      d_ff=hf["intermediate_size"], head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+      rope_theta=float(theta), rope_scaling=rope_scaling, rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      max_seq_len=int(hf.get("max_position_embeddings", 2048)), family=fam.name, **overrides)
 
 
-class _SafetensorsSource(_Source):
-  """A HF checkpoint directory: one `model.safetensors`, or shards listed in an index."""
-
-  def __init__(self, directory: pathlib.Path):
-    index = directory / "model.safetensors.index.json"
-    single = directory / "model.safetensors"
-    if index.exists():
-      try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-          raise TypeError
-      except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        raise MixieError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
-      files = {f: SafetensorsFile(directory / f, index) for f in sorted(set(weight_map.values()))}
-      self.owner = {}
-      for name, f in weight_map.items():
-        if name in files[f].entries:
-          self.owner[name] = files[f]
-      self.default_file = str(index)
-    elif single.exists():
-      f = SafetensorsFile(single)
-      self.owner = {name: f for name in f.entries}
-      self.default_file = str(single)
-    else:
-      found = sorted(p.name for p in directory.glob("*.safetensors"))
-      hint = f" (found {found}, but no index)" if found else ""
-      raise MixieError(f"{directory}: no model.safetensors or model.safetensors.index.json{hint}")
-
-  def shape(self, name):
-    f = self.owner.get(name)
-    return None if f is None else f.entries[name][1]
-
-  def file_of(self, name):
-    f = self.owner.get(name)
-    return str(f.path) if f is not None else self.default_file
-
-  def read(self, name, index):
-    return np.asarray(self.owner[name].array(name)[index])
-
-
-def _truncation_checked_reader():
-  """A `gguf.GGUFReader` that names the first tensor lying past the end of a truncated file."""
-  import gguf
-
-  class Reader(gguf.GGUFReader):
-
-    def _build_tensors(self, start_offs, fields):
-      for field in fields:
-        _, name_data, _, dims, raw_dtype, offset = field.parts
-        name = bytes(name_data).decode("utf-8", "replace")
-        try:
-          block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_dtype[0]))]
-        except (ValueError, KeyError):
-          raise _GGUFProblem(f"corrupt GGUF file: tensor {name!r} has an unknown ggml type "
-                             f"{int(raw_dtype[0])}") from None
-        n_bytes = int(np.prod(dims.astype(np.int64))) * type_size // block
-        end = int(start_offs + offset[0]) + n_bytes
-        if end > len(self.data):
-          raise _GGUFProblem(f"truncated GGUF file: tensor {name!r} needs bytes up to {end}, the file "
-                             f"has {len(self.data)}")
-      super()._build_tensors(start_offs, fields)
-
-  return Reader
-
-
-class _GGUFProblem(Exception):
-  pass
-
-
-def open_gguf(path: PathLike):
-  """A `gguf.GGUFReader` for `path` (memory-mapped); `MixieError` naming the file (and tensor) if bad."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise MixieError(f"{path}: GGUF file not found")
+def hf_config(directory: PathLike, **overrides) -> LlamaConfig:
+  """`LlamaConfig` from `directory/config.json`; `MixieError` naming the file on any problem."""
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    raise MixieError(f"{directory}: checkpoint directory not found")
+  cfg_path = directory / "config.json"
+  if not cfg_path.is_file():
+    raise MixieError(f"{cfg_path}: file not found (an HF checkpoint directory needs config.json)")
   try:
-    return _truncation_checked_reader()(path)
-  except _GGUFProblem as e:
-    raise MixieError(f"{path}: {e}") from None
-  except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
-    raise MixieError(f"{path}: truncated or corrupt GGUF file (metadata unreadable: {e})") from None
-
-
-def gguf_value(reader, key: str, default: Any = None, *, path: PathLike = "") -> Any:
-  """A scalar, string or array metadata value of a GGUF file; `default` when absent (None: required)."""
-  field = reader.fields.get(key)
-  if field is None:
-    if default is None:
-      raise MixieError(f"{path}: GGUF metadata key {key!r} is missing")
-    return default
+    hf = json.loads(cfg_path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise MixieError(f"{cfg_path}: not valid JSON ({e})") from None
   try:
-    return field.contents()
-  except (ValueError, IndexError, UnicodeDecodeError) as e:
-    raise MixieError(f"{path}: GGUF metadata key {key!r} is unreadable ({e})") from None
+    return config_from_hf(hf, str(cfg_path), **overrides)
+  except ValueError as e:
+    raise MixieError(f"{cfg_path}: {e}") from None
+  except KeyError as e:
+    raise MixieError(f"{cfg_path}: required field {e.args[0]!r} is missing") from None
 
 
-class _GGUFSource(_Source):
-  """Tensors of a GGUF file, dequantized to f32 per row range; Q and K rows un-permuted.
-
-  llama.cpp's converter reorders each head's rows of the Q and K projections from HF's "rotate half"
-  RoPE layout to interleaved pairs: file row `(p, i)` of a head (pair p < h/2, i in {0, 1}) is HF row
-  `i * h/2 + p`. Viewing the rows as `[heads, h/2, 2]` and swapping the last two axes restores HF's
-  order.
-  """
-
-  def __init__(self, reader, path: pathlib.Path, cfg: LlamaConfig):
-    self.path = path
-    self.tensors = {t.name: t for t in reader.tensors}
-    self.heads = {}
-    for i in range(cfg.n_layers):
-      self.heads[_GGUF_LAYER["q"].format(i=i)] = cfg.n_heads
-      self.heads[_GGUF_LAYER["k"].format(i=i)] = cfg.n_kv_heads
-
-  def shape(self, name):
-    t = self.tensors.get(name)
-    return None if t is None else tuple(int(d) for d in reversed(t.shape.tolist()))
-
-  def file_of(self, name):
-    return str(self.path)
-
-  def read(self, name, index):
-    import gguf
-
-    t = self.tensors[name]
-    rows = index[0]
-    n_heads = self.heads.get(name)
-    if n_heads is not None:  # permuted rows: dequantize all, undo the permutation, then slice
-      w = gguf.dequantize(t.data, t.tensor_type)
-      n_out = w.shape[0]
-      h = n_out // n_heads
-      w = w.reshape(n_heads, h // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
-      return np.asarray(w[index])
-    data = t.data[rows] if t.data.ndim > 1 else t.data
-    w = gguf.dequantize(data, t.tensor_type)
-    if t.data.ndim == 1:
-      return np.asarray(w[index])
-    return np.asarray(w[(slice(None),) + tuple(index[1:])])
+def gguf_config(reader, path: PathLike = "", **overrides) -> LlamaConfig:
+  """`LlamaConfig` from a GGUF file's `<architecture>.*` metadata."""
+  arch = gguf_value(reader, "general.architecture", path=path)
+  fam = families.for_gguf_architecture(arch, str(path))
+  g = lambda k, d=None: gguf_value(reader, f"{fam.gguf_architecture}.{k}", d, path=path)  # noqa: E731
+  tensors = {t.name for t in reader.tensors}
+  scaling = g("rope.scaling.type", "none")
+  if scaling not in ("none", "") or "rope_freqs.weight" in tensors:
+    raise MixieError(f"{path}: GGUF rope scaling ({scaling!r} / rope_freqs.weight) is not supported; "
+                     "load the HF safetensors checkpoint instead")
+  n_heads = int(g("attention.head_count"))
+  d_model = int(g("embedding_length"))
+  vocab = g("vocab_size", -1)
+  if vocab == -1:
+    vocab = len(gguf_value(reader, "tokenizer.ggml.tokens", path=path))
+  try:
+    return LlamaConfig(
+        vocab_size=int(vocab), d_model=d_model, n_layers=int(g("block_count")), n_heads=n_heads,
+        n_kv_heads=int(g("attention.head_count_kv", n_heads)), d_ff=int(g("feed_forward_length")),
+        head_dim=int(g("attention.key_length", d_model // n_heads)),
+        rope_theta=float(g("rope.freq_base", 10000.0)),
+        rms_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings=fam.gguf_tensors["lm_head"] not in tensors,
+        max_seq_len=int(g("context_length", 2048)), family=fam.name, **overrides)
+  except ValueError as e:
+    raise MixieError(f"{path}: inconsistent GGUF metadata ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -283,26 +129,24 @@ class _Leaf:
   transpose: bool  # file [out, in] -> mixie [in, out]
 
 
-def _leaf_specs(cfg: LlamaConfig, layer_names: Mapping[str, str], top_names: Mapping[str, str]):
-  specs = {"embed": _Leaf((top_names["embed"],), False, False),
-           "final_norm": _Leaf((top_names["final_norm"],), False, False)}
-  if not cfg.tie_embeddings:
-    specs["lm_head"] = _Leaf((top_names["lm_head"],), False, True)
-  for key, pattern in layer_names.items():
-    specs[f"layers/{key}"] = _Leaf(tuple(pattern.format(i=i) for i in range(cfg.n_layers)), True,
-                                   "norm" not in key)
+def _leaf_specs(cfg: LlamaConfig, names: dict[str, str]) -> dict[str, _Leaf]:
+  """Each parameter key's file tensors, from a family row's name table (the keys `cfg`'s model has)."""
+  specs = {}
+  for key in _flat_shapes(cfg):
+    stacked = key not in _SINGLE
+    tensors = tuple(names[key].format(i=i) for i in range(cfg.n_layers)) if stacked else (names[key],)
+    specs[key] = _Leaf(tensors, stacked, key not in _KEEP_ORIENTATION)
   return specs
 
 
 def _flat_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
   shapes = param_shapes(cfg)
-  flat = {k: v for k, v in shapes.items() if k != "layers"}
-  flat.update({f"layers/{k}": v for k, v in shapes["layers"].items()})
-  return flat
+  return {k: param_at(shapes, k) for k in PARAM_PATHS if param_at(shapes, k) is not None}
 
 
-def _validate(cfg: LlamaConfig, specs, source: _Source) -> None:
-  """Every tensor exists with the expected shape (headers only, nothing read)."""
+def _validate(cfg: LlamaConfig, specs, source: Source, ignored: tuple[str, ...] = ()) -> None:
+  """Every tensor exists with the expected shape and the file has no tensor the family lacks
+  (headers only, nothing read)."""
   shapes = _flat_shapes(cfg)
   for key, leaf in specs.items():
     per = shapes[key][1:] if leaf.stacked else shapes[key]
@@ -315,6 +159,11 @@ def _validate(cfg: LlamaConfig, specs, source: _Source) -> None:
       if tuple(got) != want:
         raise MixieError(f"{source.file_of(name)}: tensor {name!r} has shape {list(got)}, "
                          f"expected {list(want)} for this config")
+  known = {n for leaf in specs.values() for n in leaf.names}
+  for name in source.names():
+    if name not in known and not name.endswith(ignored):
+      raise MixieError(f"{source.file_of(name)}: tensor {name!r} is not supported for the {cfg.family} "
+                       "family (mixie would ignore it)")
 
 
 def _resolve_shardings(shardings, cfg: LlamaConfig) -> dict[str, jax.sharding.Sharding]:
@@ -326,20 +175,19 @@ def _resolve_shardings(shardings, cfg: LlamaConfig) -> dict[str, jax.sharding.Sh
     shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if isinstance(shardings, jax.sharding.Sharding):
     return {k: shardings for k in keys}
-  flat = {k: v for k, v in shardings.items() if k != "layers"}
-  flat.update({f"layers/{k}": v for k, v in shardings.get("layers", {}).items()})
-  missing = [k for k in keys if k not in flat]
+  flat = {k: param_at(shardings, k) for k in keys}
+  missing = [k for k, v in flat.items() if v is None]
   if missing:
     raise MixieError(f"shardings tree lacks entries for {missing}")
-  return {k: flat[k] for k in keys}
+  return flat
 
 
-def _build(cfg: LlamaConfig, specs, source: _Source, shardings) -> Params:
+def _build(cfg: LlamaConfig, specs, source: Source, shardings) -> Params:
   """Each leaf via `make_array_from_callback`, reading only the slices each shard needs."""
   shapes = _flat_shapes(cfg)
   shard_of = _resolve_shardings(shardings, cfg)
   dt = np.dtype(jnp.dtype(cfg.param_dtype))
-  flat = {}
+  params: Params = {}
   for key, leaf in specs.items():
     shape = shapes[key]
     # Devices holding replicas ask for the same block: read each distinct block of this leaf once.
@@ -353,14 +201,16 @@ def _build(cfg: LlamaConfig, specs, source: _Source, shardings) -> Params:
         memo[sig] = _read_block(source, leaf, idx, dt)
       return memo[sig]
 
-    flat[key] = jax.make_array_from_callback(shape, shard_of[key], cb)
+    node = params
+    *parents, last = PARAM_PATHS[key]
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[last] = jax.make_array_from_callback(shape, shard_of[key], cb)
     memo.clear()
-  params = {k: v for k, v in flat.items() if not k.startswith("layers/")}
-  params["layers"] = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("layers/")}
   return params
 
 
-def _read_block(source: _Source, leaf: _Leaf, idx: tuple[slice, ...], dt) -> np.ndarray:
+def _read_block(source: Source, leaf: _Leaf, idx: tuple[slice, ...], dt) -> np.ndarray:
   """The block `idx` of one mixie leaf, assembled from file tensors and cast per tensor to `dt`."""
 
   def one(name, sub):
@@ -380,35 +230,39 @@ def _read_block(source: _Source, leaf: _Leaf, idx: tuple[slice, ...], dt) -> np.
   return out
 
 
+def _checked_hf(directory: pathlib.Path, **overrides) -> tuple[LlamaConfig, dict[str, _Leaf], Source]:
+  """An HF directory's config, leaf specs and tensor source, validated from the headers."""
+  cfg = hf_config(directory, **overrides)
+  fam = families.get(cfg.family)
+  source = SafetensorsSource(directory)
+  specs = _leaf_specs(cfg, dict(fam.hf_tensors))
+  # a tied checkpoint may still store its LM head (the embedding's copy)
+  _validate(cfg, specs, source, fam.hf_ignored + ((fam.hf_tensors["lm_head"],) if cfg.tie_embeddings else ()))
+  return cfg, specs, source
+
+
+def _checked_gguf(path: pathlib.Path, reader=None, **overrides
+                  ) -> tuple[LlamaConfig, dict[str, _Leaf], Source]:
+  """A GGUF file's config, leaf specs and tensor source, validated from the headers."""
+  reader = reader if reader is not None else open_gguf(path)
+  cfg = gguf_config(reader, path, **overrides)
+  names = dict(families.get(cfg.family).gguf_tensors)
+  heads = {names[p].format(i=i): n for p, n in (("q", cfg.n_heads), ("k", cfg.n_kv_heads))
+           for i in range(cfg.n_layers)}
+  source = GGUFSource(reader, path, heads)
+  specs = _leaf_specs(cfg, names)
+  _validate(cfg, specs, source)
+  return cfg, specs, source
+
+
 # ---------------------------------------------------------------------------------------------------
 # Public API.
 
 
-def hf_config(directory: PathLike, **overrides) -> LlamaConfig:
-  """`LlamaConfig` from `directory/config.json`; `MixieError` naming the file on any problem."""
-  directory = pathlib.Path(directory)
-  if not directory.is_dir():
-    raise MixieError(f"{directory}: checkpoint directory not found")
-  cfg_path = directory / "config.json"
-  if not cfg_path.is_file():
-    raise MixieError(f"{cfg_path}: file not found (an HF checkpoint directory needs config.json)")
-  try:
-    hf = json.loads(cfg_path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise MixieError(f"{cfg_path}: not valid JSON ({e})") from None
-  if hf.get("attention_bias") or hf.get("mlp_bias"):
-    raise MixieError(f"{cfg_path}: attention_bias/mlp_bias are not supported (Llama has no biases)")
-  try:
-    return config_from_hf(hf, **overrides)
-  except ValueError as e:
-    raise MixieError(f"{cfg_path}: {e}") from None
-  except KeyError as e:
-    raise MixieError(f"{cfg_path}: required field {e.args[0]!r} is missing") from None
-
-
 def load_hf(path: PathLike, *, dtype: str = "float32", param_dtype: str = "float32",
             attention_impl: str | None = None, shardings=None) -> tuple[LlamaConfig, Params]:
-  """Loads an HF Llama checkpoint directory (`config.json` + `model.safetensors` or a sharded index).
+  """Loads an HF checkpoint directory (`config.json` + `model.safetensors` or a sharded index) of a
+  family in `mixie.model.families`.
 
   Args:
     path: the checkpoint directory.
@@ -421,58 +275,46 @@ def load_hf(path: PathLike, *, dtype: str = "float32", param_dtype: str = "float
     `(cfg, params)`; raises `MixieError` (naming the file and tensor) before building anything if the
     checkpoint is incomplete or inconsistent.
   """
-  directory = pathlib.Path(path)
-  cfg = hf_config(directory, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
-  source = _SafetensorsSource(directory)
-  top = dict(_HF_TOP)
-  specs = _leaf_specs(cfg, _HF_LAYER, top)
-  _validate(cfg, specs, source)
+  cfg, specs, source = _checked_hf(pathlib.Path(path), dtype=dtype, param_dtype=param_dtype,
+                                   attention_impl=attention_impl)
   return cfg, _build(cfg, specs, source, shardings)
-
-
-def gguf_config(reader, path: PathLike = "", **overrides) -> LlamaConfig:
-  """`LlamaConfig` from a GGUF file's `llama.*` metadata."""
-  arch = gguf_value(reader, "general.architecture", path=path)
-  if arch != "llama":
-    raise MixieError(f"{path}: GGUF architecture {arch!r} is not supported (mixie reads 'llama')")
-  g = lambda k, d=None: gguf_value(reader, f"llama.{k}", d, path=path)  # noqa: E731
-  scaling = g("rope.scaling.type", "none")
-  if scaling not in ("none", "") or "rope_freqs.weight" in {t.name for t in reader.tensors}:
-    raise MixieError(f"{path}: GGUF rope scaling ({scaling!r} / rope_freqs.weight) is not supported; "
-                     "load the HF safetensors checkpoint instead")
-  n_heads = int(g("attention.head_count"))
-  d_model = int(g("embedding_length"))
-  tensors = {t.name for t in reader.tensors}
-  vocab = g("vocab_size", -1)
-  if vocab == -1:
-    vocab = len(gguf_value(reader, "tokenizer.ggml.tokens", path=path))
-  try:
-    return LlamaConfig(
-        vocab_size=int(vocab), d_model=d_model, n_layers=int(g("block_count")), n_heads=n_heads,
-        n_kv_heads=int(g("attention.head_count_kv", n_heads)), d_ff=int(g("feed_forward_length")),
-        head_dim=int(g("attention.key_length", d_model // n_heads)),
-        rope_theta=float(g("rope.freq_base", 10000.0)),
-        rms_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-        tie_embeddings="output.weight" not in tensors,
-        max_seq_len=int(g("context_length", 2048)), **overrides)
-  except ValueError as e:
-    raise MixieError(f"{path}: inconsistent GGUF metadata ({e})") from None
 
 
 def load_gguf(path: PathLike, *, dtype: str = "float32", param_dtype: str = "float32",
               attention_impl: str | None = None, shardings=None, reader=None
               ) -> tuple[LlamaConfig, Params]:
-  """Loads a Llama GGUF file (any quantization `gguf` can dequantize), e.g. the shipped SmolLM2.
+  """Loads a GGUF file of a family in `mixie.model.families` (any quantization `gguf` can dequantize),
+  e.g. the shipped SmolLM2.
 
   Same arguments as `load_hf`; `reader` may pass an already opened `open_gguf(path)`.
   """
-  path = pathlib.Path(path)
-  reader = reader if reader is not None else open_gguf(path)
-  cfg = gguf_config(reader, path, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
-  source = _GGUFSource(reader, path, cfg)
-  specs = _leaf_specs(cfg, _GGUF_LAYER, _GGUF_TOP)
-  _validate(cfg, specs, source)
+  cfg, specs, source = _checked_gguf(pathlib.Path(path), reader, dtype=dtype, param_dtype=param_dtype,
+                                     attention_impl=attention_impl)
   return cfg, _build(cfg, specs, source, shardings)
+
+
+def check_headers(source: str, path: PathLike) -> LlamaConfig:
+  """Validates a checkpoint from its headers and metadata alone (no weight is read): the architecture
+  is supported and every tensor the base needs is there with its shape, inside its file. `source` is
+  "hf" (a directory) or "gguf" (a file). The same checks `load_hf` / `load_gguf` run before reading;
+  `MixieError` naming the file and field or tensor. Returns the checkpoint's config."""
+  if source == "gguf":
+    return _checked_gguf(pathlib.Path(path))[0]
+  if source == "hf":
+    return _checked_hf(pathlib.Path(path))[0]
+  raise MixieError(f"checkpoint source {source!r} has no headers to check (expected 'hf' or 'gguf')")
+
+
+def hf_tensors(cfg: LlamaConfig, params: Params) -> dict[str, np.ndarray]:
+  """The base as HF tensors (the family's names, `[out, in]` matrices, one per layer): what `load_hf`
+  reads back. For handing a base to transformers (benchmarks' and tests' peers)."""
+  out = {}
+  for key, leaf in _leaf_specs(cfg, dict(families.get(cfg.family).hf_tensors)).items():
+    x = np.asarray(jax.device_get(param_at(params, key)))
+    for i, name in enumerate(leaf.names):
+      w = x[i] if leaf.stacked else x
+      out[name] = np.ascontiguousarray(w.T if leaf.transpose else w)
+  return out
 
 
 _FINGERPRINT_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "head_dim",
@@ -484,16 +326,19 @@ def fingerprint(cfg: LlamaConfig, params: Params) -> str:
 
   Independent of compute dtype, param dtype and sharding (slices are hashed as bfloat16), so experts
   trained on a base in bf16 are recognised on the same base loaded in f32, but not on another base.
+  (A family other than Llama adds its name to the hashed architecture; a Llama base hashes as before.)
   """
   h = hashlib.sha256()
   arch = {f: getattr(cfg, f) for f in _FINGERPRINT_FIELDS}
+  if cfg.family != "llama":
+    arch["family"] = cfg.family
   h.update(json.dumps(arch, sort_keys=True, default=list).encode())
-  lay = params["layers"]
-  probes = [params["embed"][:8, :16], params["embed"][-8:, -16:], params["final_norm"][:16],
-            lay["q"][0, :8, :16], lay["k"][-1, -8:, -16:], lay["down"][cfg.n_layers // 2, :8, :16],
-            lay["attn_norm"][-1, :16]]
-  if "lm_head" in params:
-    probes.append(params["lm_head"][:8, -16:])
+  p = lambda key: param_at(params, key)  # noqa: E731
+  probes = [p("embed")[:8, :16], p("embed")[-8:, -16:], p("final_norm")[:16],
+            p("q")[0, :8, :16], p("k")[-1, -8:, -16:], p("down")[cfg.n_layers // 2, :8, :16],
+            p("attn_norm")[-1, :16]]
+  if p("lm_head") is not None:
+    probes.append(p("lm_head")[:8, -16:])
   for x in probes:
     h.update(np.asarray(jax.device_get(x)).astype(ml_dtypes.bfloat16).tobytes())
   return h.hexdigest()[:16]

@@ -1,8 +1,13 @@
-"""LoRA experts: one expert is a small pytree; a stack of E experts is the same tree with a leading E axis.
+"""LoRA experts: the config, and one expert as a plain tree in the expert store's layout.
 
-An expert targets any subset of the seven projections. For projection p with base weight `[l, d_in, d_out]`
-it holds `a: [l, d_in, r]` (random, as PEFT's kaiming-uniform) and `b: [l, r, d_out]` (zero), and adds
-`(x @ a) @ b * alpha / r` to the projection's output (`mixie.model.llama.project`).
+An expert targets any subset of the seven projections. For projection p with per-layer weight
+`[d_in, d_out]` it holds `a: [l, d_in, r]` (random, as PEFT's kaiming-uniform) and `b: [l, r, d_out]`
+(zero) and adds `(x @ a) @ b * alpha / r` to the projection's output (`mixie.model.layers.LoRA`).
+
+That tree, `{proj: {"a", "b"}}`, is what the expert store, PEFT export, the expert cache and the
+train state hold; a stack of E experts is the same tree with a leading E axis. Inside the model the
+same arrays are the `nnx.LoRAParam` variables of the `LoRA` modules: `adapter_state` and
+`expert_of` convert between the two layouts (paths only, no copies).
 """
 
 from __future__ import annotations
@@ -14,9 +19,14 @@ import jax
 import jax.numpy as jnp
 
 from mixie.errors import ConfigError
-from mixie.model.llama import PROJECTIONS, LlamaConfig, forward, param_shapes
+from mixie.model.config import PROJECTIONS, LlamaConfig, projection_dims
+from mixie.model.layers import kaiming_a
 
 Expert = dict[str, dict[str, jax.Array]]
+
+# Where each projection's module sits inside a decoder layer (`mixie.model.layers.Block`).
+PROJECTION_MODULE = {"q": ("attn", "q"), "k": ("attn", "k"), "v": ("attn", "v"), "o": ("attn", "o"),
+                     "gate": ("mlp", "gate"), "up": ("mlp", "up"), "down": ("mlp", "down")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,38 +62,23 @@ class LoraConfig:
     return cls(**kw)
 
 
-def expert_shapes(cfg: LlamaConfig, lora: LoraConfig) -> Expert:
+def expert_shapes(cfg: LlamaConfig, lora: LoraConfig) -> dict[str, dict[str, tuple[int, ...]]]:
   """Shapes of one expert: `{proj: {"a": (l, d_in, r), "b": (l, r, d_out)}}`."""
-  base = param_shapes(cfg)["layers"]
-  out = {}
-  for p in lora.targets:
-    l, d_in, d_out = base[p]
-    out[p] = {"a": (l, d_in, lora.rank), "b": (l, lora.rank, d_out)}
-  return out
-
-
-# Logical axes of one expert's parameters; a stack adds "expert" in front.
-EXPERT_AXES = {"a": ("layers", "lora_in", "lora_rank"), "b": ("layers", "lora_rank", "lora_out")}
-
-
-def expert_axes(lora: LoraConfig, stacked: bool = True) -> dict[str, Any]:
-  """Logical axis names of an expert (or of a stack of experts) tree."""
-  pre = ("expert",) if stacked else ()
-  return {p: {k: pre + v for k, v in EXPERT_AXES.items()} for p in lora.targets}
+  dims = projection_dims(cfg)
+  return {p: {"a": (cfg.n_layers, dims[p][0], lora.rank), "b": (cfg.n_layers, lora.rank, dims[p][1])}
+          for p in lora.targets}
 
 
 def init_expert(cfg: LlamaConfig, lora: LoraConfig, key: jax.Array) -> Expert:
-  """One fresh expert: `a` kaiming-uniform (bound 1/sqrt(d_in), as PEFT), `b` zero."""
+  """One fresh expert: `a` kaiming-uniform (bound 1/sqrt(d_in), as PEFT), `b` zero.
+
+  The values depend on the key only (per-topic keys make an expert's start reproducible).
+  """
   shapes = expert_shapes(cfg, lora)
   keys = dict(zip(lora.targets, jax.random.split(key, len(lora.targets))))
   dt = jnp.dtype(lora.dtype)
-  out = {}
-  for p, s in shapes.items():
-    d_in = s["a"][1]
-    bound = 1.0 / jnp.sqrt(d_in)
-    out[p] = {"a": jax.random.uniform(keys[p], s["a"], jnp.float32, -bound, bound).astype(dt),
-              "b": jnp.zeros(s["b"], dt)}
-  return out
+  return {p: {"a": kaiming_a(keys[p], s["a"], s["a"][1], dt), "b": jnp.zeros(s["b"], dt)}
+          for p, s in shapes.items()}
 
 
 def init_experts(cfg: LlamaConfig, lora: LoraConfig, key: jax.Array, n: int) -> Expert:
@@ -91,12 +86,24 @@ def init_experts(cfg: LlamaConfig, lora: LoraConfig, key: jax.Array, n: int) -> 
   return jax.vmap(lambda k: init_expert(cfg, lora, k))(jax.random.split(key, n))
 
 
-def forward_stacked(params, experts_e: Expert, tokens_ebt: jax.Array, cfg: LlamaConfig,
-                    lora: LoraConfig, **kw):
-  """`forward` vmapped over a stack of experts and their batches; the base is broadcast.
+def adapter_state(expert: Expert) -> dict[str, Any]:
+  """An expert tree as the model's `LoRAParam` state: `{"layers": {"attn": {"q": {"lora": {a, b}}}}}`."""
+  out: dict[str, Any] = {}
+  for p, ab in expert.items():
+    node = out.setdefault("layers", {})
+    for part in PROJECTION_MODULE[p]:
+      node = node.setdefault(part, {})
+    node["lora"] = {"a": ab["a"], "b": ab["b"]}
+  return out
 
-  Keyword arrays in `kw` named `*_e*` (e.g. `dropout_key`) are not mapped; pass per-expert values by
-  vmapping yourself. Returns logits `[e, b, t, v]`.
-  """
-  fn = lambda e, t: forward(params, e, t, cfg, lora_scale=lora.scale, **kw)[0]
-  return jax.vmap(fn)(experts_e, tokens_ebt)
+
+def expert_of(state: Any) -> Expert:
+  """The inverse of `adapter_state`: the expert tree of a model's `LoRAParam` state (a nested mapping,
+  e.g. `nnx.state(model, nnx.LoRAParam)`; variables are unwrapped to their values)."""
+  out = {}
+  layers = state["layers"]
+  for p, (group, name) in PROJECTION_MODULE.items():
+    if group in layers and name in layers[group] and "lora" in layers[group][name]:
+      node = layers[group][name]["lora"]
+      out[p] = {k: node[k][...] if hasattr(node[k], "get_value") else node[k] for k in ("a", "b")}
+  return out

@@ -1,18 +1,18 @@
 """Mixed-expert batches: every row of a batch runs the base with its own LoRA expert.
 
 This is the serving core (jax + mixie.model only). The model is written for one expert; a batch whose
-rows use different experts vmaps that same `forward` over the rows, the base broadcast
-(`in_axes=(None, 0, 0)`): the base matmuls stay one large matmul over all rows and only the low-rank
-parts differ per row (the BGMV idea of Punica / S-LoRA, with no custom kernel).
+rows use different experts is the same `Llama` with the rows' experts as its `LoRAParam`s, `nnx.vmap`ped
+over the rows with the base broadcast (`mixie.model.llama.vmap_adapters`): the base matmuls stay one
+large matmul over all rows and only the low-rank parts differ per row (the BGMV idea of Punica /
+S-LoRA, with no custom kernel). Decoding is `mixie.model.generate`'s one decode path.
 
 - `gather_experts`: the rows' experts `[b, ...]` from a stack of cached experts `[c, ...]`; a row with
   slot -1 gets the zero expert (exactly the base).
-- `rows_forward`, `rows_prefill`, `rows_decode_step`: `forward` and `mixie.model.generate`'s prefill and
-  decode step vmapped over rows (KV cache in `init_cache`'s layout, each row a batch of one).
-- `mix_logprobs`: next-token log-distributions of groups of g rows mixed with weights (topk routing).
-- `mixture_token_logprobs`: log p(target) under such a mixture, for scoring.
+- `rows_forward`, `rows_prefill`, `rows_decode_step`: the model, its prefill and its decode step with
+  one expert per row (KV cache in `init_cache`'s layout).
+- `mixture_token_logprobs`: log p(target) under the mixture of each prompt's g experts (scoring).
 - `generate_rows`: jitted prefill + decode loop (greedy or sampled, stop tokens, right-padded prompts of
-  mixed lengths), all on device.
+  mixed lengths, g experts mixed per prompt), all on device.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mixie.model.generate import decode_step, prefill, sample_logits
-from mixie.model.llama import LlamaConfig, forward, init_cache, unstack_layers
+from mixie.model.generate import Decoder, cached_decode, decode_loop, mix_logprobs  # noqa: F401
+from mixie.model.llama import LlamaConfig, bind, token_logprobs, vmap_adapters
 
 
 @jax.jit
@@ -44,26 +44,6 @@ def gather_experts(slots_c, slot_b: jax.Array):
   return jax.tree_util.tree_map_with_path(take, slots_c)
 
 
-def _rows_cache(cache, b):
-  """`init_cache` layout -> rows of batch-of-one caches: k/v `[l, b, 1, s, k, h]`, length `[b, 1]`.
-
-  Pure reshapes (no copy). The row axis of k/v stays at 1, where `lax.scan` over layers (inside
-  `forward`) wants a vmapped input: no transpose of the cache per step.
-  """
-  l, _, s, k, h = cache["k"].shape
-  return {"k": cache["k"].reshape(l, b, 1, s, k, h), "v": cache["v"].reshape(l, b, 1, s, k, h),
-          "length": cache["length"].reshape(b, 1)}
-
-
-def _cache_back(c, b):
-  l, _, _, s, k, h = c["k"].shape
-  return {"k": c["k"].reshape(l, b, s, k, h), "v": c["v"].reshape(l, b, s, k, h),
-          "length": c["length"].reshape(b)}
-
-
-_ROW_CACHE_AXES = {"k": 1, "v": 1, "length": 0}
-
-
 def layer_major(experts_b):
   """Experts `[b, l, ...]` -> `[l, b, ...]`: the layout the vmapped layer scan reads without a transpose.
 
@@ -73,59 +53,30 @@ def layer_major(experts_b):
   return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), experts_b)
 
 
-def rows_forward(params, experts_b, tokens_bt: jax.Array, cfg: LlamaConfig, *, lora_scale: float):
-  """Logits `[b, t, v]` with one expert per row: `jax.vmap(forward, in_axes=(None, 0, 0))`.
+def _row_logits(model, tokens_t):
+  h_1td, _ = model(tokens_t[None])
+  return model.logits(h_1td)[0]
 
-  `experts_b`: one expert per row, leading axis b (`None`: the base for every row). No cache (scoring).
-  """
-  one = lambda e, tokens_t: forward(params, e, tokens_t[None], cfg, lora_scale=lora_scale)[0][0]
-  return jax.vmap(one)(experts_b, tokens_bt)
+
+def rows_forward(params, experts_b, tokens_bt: jax.Array, cfg: LlamaConfig, *, lora_scale: float):
+  """Logits `[b, t, v]` with one expert per row (leading axis b). No cache (scoring)."""
+  model = bind(cfg, params, experts_b, lora_scale=lora_scale)
+  return vmap_adapters(_row_logits, axis=0, in_axes=(0,))(model, tokens_bt)
 
 
 def rows_prefill(params, experts_b, prompt_bt, lengths_b, cache, cfg: LlamaConfig, *,
                  lora_scale: float, expert_axis: int = 0):
-  """`mixie.model.generate.prefill` with one expert per row (vmapped over rows, base broadcast).
-
-  `cache` is an `init_cache(cfg, b, s)` cache (k/v `[l, b, s, k, h]`, length `[b]`); each row runs as a
-  batch of one. `expert_axis`: the row axis of the experts' leaves (1 after `layer_major`).
-  Returns the logits after each row's last prompt token `[b, v]` and the cache.
-  """
-  b, t = prompt_bt.shape
-
-  def one(e, prompt_1t, n_1, c):
-    return prefill(params, e, prompt_1t, n_1, c, cfg, lora_scale=lora_scale)
-
-  logits_b1v, c = jax.vmap(one, in_axes=(expert_axis, 0, 0, _ROW_CACHE_AXES),
-                           out_axes=(0, _ROW_CACHE_AXES))(
-      experts_b, prompt_bt.reshape(b, 1, t), lengths_b.reshape(b, 1), _rows_cache(cache, b))
-  return logits_b1v.reshape(b, -1), _cache_back(c, b)
+  """`Decoder.prefill` with one expert per row; `expert_axis`: the row axis of the experts' leaves (1
+  after `layer_major`). Returns the logits after each row's last prompt token `[b, v]` and the cache."""
+  model = bind(cfg, params, experts_b, lora_scale=lora_scale)
+  return Decoder.of(model, expert_axis).prefill(prompt_bt, lengths_b, cache)
 
 
 def rows_decode_step(params, experts_b, tokens_b, cache, cfg: LlamaConfig, *, lora_scale: float,
                      expert_axis: int = 0):
-  """`mixie.model.generate.decode_step` with one expert per row; returns logits `[b, v]` and the cache."""
-  b = tokens_b.shape[0]
-
-  def one(e, tok_1, c):
-    return decode_step(params, e, tok_1, c, cfg, lora_scale=lora_scale)
-
-  logits_b1v, c = jax.vmap(one, in_axes=(expert_axis, 0, _ROW_CACHE_AXES),
-                           out_axes=(0, _ROW_CACHE_AXES))(
-      experts_b, tokens_b.reshape(b, 1), _rows_cache(cache, b))
-  return logits_b1v.reshape(b, -1), _cache_back(c, b)
-
-
-def mix_logprobs(logits_bv: jax.Array, weights_pg: jax.Array) -> jax.Array:
-  """Mixes the next-token distributions of consecutive groups of g rows: `log sum_g w_g p_g`, `[p, v]`.
-
-  With g = 1 the rows' logits are returned unchanged (same argmax and same sampling distribution).
-  """
-  p, g = weights_pg.shape
-  if g == 1:
-    return logits_bv.astype(jnp.float32)
-  logp_pgv = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1).reshape(p, g, -1)
-  logw_pg = jnp.log(jnp.maximum(weights_pg.astype(jnp.float32), 1e-30))
-  return jax.nn.logsumexp(logp_pgv + logw_pg[:, :, None], axis=1)
+  """`Decoder.step` with one expert per row; returns logits `[b, v]` and the cache."""
+  model = bind(cfg, params, experts_b, lora_scale=lora_scale)
+  return Decoder.of(model, expert_axis).step(tokens_b, cache)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lora_scale"))
@@ -141,10 +92,7 @@ def mixture_token_logprobs(params, experts_pg, weights_pg, tokens_pt, cfg: Llama
   flat = jax.tree.map(lambda x: x.reshape((p * g,) + x.shape[2:]), experts_pg)
   tokens_bt = jnp.repeat(tokens_pt, g, axis=0)
   logits_btv = rows_forward(params, flat, tokens_bt[:, :-1], cfg, lora_scale=lora_scale)
-  logp_btv = jax.nn.log_softmax(logits_btv, axis=-1)
-  lp_bt = jnp.take_along_axis(logp_btv, tokens_bt[:, 1:, None], axis=-1)[..., 0]
-  logw_pg = jnp.log(jnp.maximum(weights_pg.astype(jnp.float32), 1e-30))
-  return jax.nn.logsumexp(lp_bt.reshape(p, g, -1) + logw_pg[:, :, None], axis=1)
+  return mix_logprobs(token_logprobs(logits_btv, tokens_bt[:, 1:]), weights_pg)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lora_scale", "max_new_tokens", "temperature",
@@ -157,49 +105,18 @@ def generate_rows(params, experts_b, weights_pg, tokens_bt, lengths_b, stop_ids_
   Rows are right-padded prompts (`lengths_b` real tokens each); each consecutive group of g rows is
   one prompt whose g experts' next-token distributions are mixed with `weights_pg` (g = 1: one expert
   per prompt). Decoding stops at `max_new_tokens` or when every prompt has produced a stop token.
-  `unstack`: decode over unstacked layers (`mixie.model.llama.unstack_layers`; faster on CPU), as
-  `mixie.model.generate.generate` does.
+  `unstack`: decode over unstacked layers (`Llama.unstacked`; faster on CPU).
 
   Returns:
     `(tokens_pn, n_p)`: generated ids `[p, max_new_tokens]` (the stop token included; -1 after it) and
     the number generated per prompt (up to and including the first stop token).
   """
-  b, t = tokens_bt.shape
-  p, g = weights_pg.shape
-  cache = init_cache(cfg, b, t + max_new_tokens)
-  experts_lb = layer_major(experts_b)  # once, outside the decode loop
-  logits_bv, cache = rows_prefill(params, experts_lb, tokens_bt, lengths_b.astype(jnp.int32), cache,
-                                  cfg, lora_scale=lora_scale, expert_axis=1)
-  step_params = unstack_layers(params) if unstack else params  # copied once, before the loop
-
-  def pick(logits_bv, key):
-    mixed_pv = mix_logprobs(logits_bv, weights_pg)
-    tok_p = sample_logits(mixed_pv, key, temperature=temperature, top_p=top_p, top_k=top_k)
-    return tok_p.astype(jnp.int32)
-
-  key, sub = jax.random.split(key)
-  tok_p = pick(logits_bv, sub)
-  out_pn = jnp.full((p, max_new_tokens), -1, jnp.int32).at[:, 0].set(tok_p)
-  done_p = jnp.isin(tok_p, stop_ids_s)
-
-  def cond(state):
-    i, _, _, _, done_p, _ = state
-    return (i < max_new_tokens) & ~jnp.all(done_p)
-
-  def body(state):
-    i, cache, tok_p, out_pn, done_p, key = state
-    logits_bv, cache = rows_decode_step(step_params, experts_lb, jnp.repeat(tok_p, g), cache, cfg,
-                                        lora_scale=lora_scale, expert_axis=1)
-    key, sub = jax.random.split(key)
-    new_p = pick(logits_bv, sub)
-    new_p = jnp.where(done_p, -1, new_p)
-    out_pn = jax.lax.dynamic_update_slice(out_pn, new_p[:, None], (0, i))
-    done_p = done_p | jnp.isin(new_p, stop_ids_s)
-    return i + 1, cache, jnp.maximum(new_p, 0), out_pn, done_p, key
-
-  state = (jnp.int32(1), cache, tok_p, out_pn, done_p, key)
-  _, _, _, out_pn, _, _ = jax.lax.while_loop(cond, body, state)
-  is_stop = jnp.isin(out_pn, stop_ids_s)
-  first_stop = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1) + 1, max_new_tokens)
-  n_p = jnp.minimum(first_stop, jnp.sum(out_pn >= 0, axis=1))
-  return out_pn, n_p
+  # prefill: one scan over the layers, which reads layer-major experts without a transpose per layer;
+  # unstacked decoding slices each layer's experts out of the rows' own `[b, l, ...]` stacks instead
+  # (a per-layer slice of a layer-major copy made XLA transpose all layers once for every layer)
+  stacked = Decoder.of(bind(cfg, params, layer_major(experts_b), lora_scale=lora_scale), row_axis=1)
+  stepper = (Decoder.of(bind(cfg, params, experts_b, lora_scale=lora_scale), row_axis=0).unstacked()
+             if unstack else stacked)
+  fns = cached_decode(stacked, tokens_bt.shape[1] + max_new_tokens, stepper)
+  return decode_loop(*fns, tokens_bt, lengths_b, weights_pg, stop_ids_s, key, max_new=max_new_tokens,
+                     pad_id=-1, temperature=temperature, top_k=top_k, top_p=top_p)

@@ -211,7 +211,7 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
   if ckpt_dir is None:
     ckpt_dir = out_dir / "checkpoints" if mode == "seed" else wd / "checkpoints" / mode
   spec = TrainSpec(cfg=cfg, lora=lora, opt=optim.OptConfig.from_config(t),
-                   slots=E, mode=mode, remat=bool(config.model.remat), seed=int(config.seed),
+                   slots=E, mode=mode, remat="full" if config.model.remat else "minimal", seed=int(config.seed),
                    ce_chunk=int(t.ce_chunk))
   run_base = base if run_mesh is mesh else jax.device_put(base, base_shardings(spec, run_mesh, rules))
   bos = tokenizer.bos_id if tokenizer.add_bos else None

@@ -1,10 +1,12 @@
 """The train state and the jitted train step of E slots trained at once on a frozen base.
 
 A batch holds `[E, b, T]` arrays (`tokens`, `targets`, `loss_mask`), slot e's rows from its own topic. The
-model is written for one expert and vmapped over the slots with the base broadcast
-(`jax.vmap(forward, in_axes=(None, 0, 0))`): the base is never copied per expert. Each slot's loss is the
-mean over its own tokens, and the loss differentiated is the SUM of the slot means, so each expert's
-gradient is exactly the one it would get trained alone ("introvert" experts).
+model (`mixie.model.llama.Llama`) is written for one expert; the step binds the base and the E stacked
+experts into it (pure state in, `nnx.merge` inside the jitted step) and `nnx.vmap`s it over the slots
+with the `LoRAParam`s on axis 0 and the base broadcast: the base is never copied per expert. Each
+slot's loss is the mean over its own tokens, and the loss differentiated is the SUM of the slot means,
+so each expert's gradient is exactly the one it would get trained alone ("introvert" experts). Gradients
+and optimizer state exist for the trainable tree only.
 
 Modes (`TrainSpec.mode`): "experts" and "lora_all" train LoRA stacks (lora_all is E = 1 on all data);
 "full" trains every base parameter (continued pre-training), the base itself being the trained state
@@ -17,21 +19,26 @@ created already sharded (`abstract_state` -> `state_shardings` -> `jit(init, out
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from mixie import sharding as shd
-from mixie.model.llama import LlamaConfig, forward, param_axes, unembed
-from mixie.model.lora import LoraConfig, expert_axes, init_expert
+from mixie.errors import ConfigError
+from mixie.model.llama import (ACTIVATION_AXES, TRAINABLE, Llama, LlamaConfig, adapter_axes, bind, param_axes,
+                               vmap_adapters)
+from mixie.model.lora import LoraConfig, init_expert
 from mixie.train import optim
 
 MODES = ("experts", "lora_all", "full")
 BATCH_KEYS = ("tokens", "targets", "loss_mask")
-BATCH_AXES = ("expert", "batch", None)
+BATCH_AXES = ACTIVATION_AXES["tokens"]
+REMAT = ("none", "minimal", "full")  # the layers' remat policies, least recomputation first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +50,13 @@ class TrainSpec:
   opt: optim.OptConfig
   slots: int
   mode: str = "experts"
-  remat: bool = False
+  remat: str = "minimal"  # what the layers keep for the backward (`REMAT`; `Llama.__call__` explains)
   seed: int = 0
   ce_chunk: int = 1024  # tokens per chunk of the LM head + loss (`chunked_nll`)
+
+  def __post_init__(self):
+    if self.remat not in REMAT:
+      raise ConfigError(f"TrainSpec.remat={self.remat!r} is not one of {REMAT}")
 
   @property
   def lora_mode(self) -> bool:
@@ -90,7 +101,7 @@ def init_state(spec: TrainSpec, base, topics_e, horizon_e) -> dict[str, Any]:
 def trainable_axes(spec: TrainSpec):
   """Logical axes of the trainable stack."""
   if spec.lora_mode:
-    return expert_axes(spec.lora, stacked=True)
+    return adapter_axes(spec.cfg, spec.lora, stacked=True)
   return jax.tree.map(lambda a: ("expert",) + a, param_axes(spec.cfg), is_leaf=is_axes)
 
 
@@ -113,7 +124,7 @@ def state_axes(spec: TrainSpec, abstract) -> dict[str, Any]:
   opt_axes = jax.tree.map(
       lambda x: p_axes if is_p(x) else ("expert",) + (None,) * (x.ndim - 1),
       abstract["opt"], is_leaf=is_p)
-  return {"params": p_axes, "opt": opt_axes, "topic": ("expert",)}
+  return {"params": p_axes, "opt": opt_axes, "topic": ACTIVATION_AXES["slot"]}
 
 
 def abstract_state(spec: TrainSpec, base_abstract) -> dict[str, Any]:
@@ -149,14 +160,14 @@ def create_state(spec: TrainSpec, mesh: Mesh, rules, base, topics_e, horizon_e,
 # The step.
 
 
-def chunked_nll(params, h_btd, targets_bt, mask_bt, cfg: LlamaConfig, chunk: int):
+def chunked_nll(logits_fn, h_btd, targets_bt, mask_bt, chunk: int):
   """Summed masked NLL of the targets from final hidden states, `chunk` tokens at a time.
 
-  Each chunk's logits `[chunk, v]` (f32) are made, reduced to `logsumexp - logit[target]` and
-  dropped; the backward pass recomputes them chunk by chunk (`jax.checkpoint`), so the `[b, T, v]`
-  logits of a step never exist at once (4 GiB for 16 x 2048 tokens of a 32k vocabulary). When all
-  tokens fit in one chunk, its logits are kept for the backward pass instead (they exist whole in the
-  forward pass anyway): no recomputation.
+  `logits_fn`: hidden states `[c, d]` -> f32 logits `[c, v]` (`Llama.logits`). Each chunk's logits are
+  made, reduced to `logsumexp - logit[target]` and dropped; the backward pass recomputes them chunk by
+  chunk (`jax.checkpoint`), so the `[b, T, v]` logits of a step never exist at once (4 GiB for
+  16 x 2048 tokens of a 32k vocabulary). When all tokens fit in one chunk, its logits are kept for the
+  backward pass instead (they exist whole in the forward pass anyway): no recomputation.
   """
   b, t, d = h_btd.shape
   n = b * t
@@ -168,7 +179,7 @@ def chunked_nll(params, h_btd, targets_bt, mask_bt, cfg: LlamaConfig, chunk: int
 
   def one(total, xs):
     h_cd, t_c, m_c = xs
-    logits_cv = unembed(params, h_cd, cfg)
+    logits_cv = logits_fn(h_cd)
     nll_c = jax.nn.logsumexp(logits_cv, axis=-1) - jnp.take_along_axis(logits_cv, t_c[:, None], -1)[:, 0]
     return total + (nll_c * m_c).sum(), None
 
@@ -178,31 +189,49 @@ def chunked_nll(params, h_btd, targets_bt, mask_bt, cfg: LlamaConfig, chunk: int
   return total
 
 
-def slot_loss(spec: TrainSpec, trainable, base, tokens_bt, targets_bt, mask_bt, key):
-  """Token-mean loss of ONE slot over its own tokens, and its token count."""
-  params, expert = (base, trainable) if spec.lora_mode else (trainable, None)
+def bind_trainable(spec: TrainSpec, trainable, base) -> Llama:
+  """The model over a slot's (or a stack's) trainable tree: base + expert, or the trained base itself."""
+  if spec.lora_mode:
+    return bind(spec.cfg, base, trainable, lora_scale=spec.lora.scale, dropout_rate=spec.lora.dropout)
+  return bind(spec.cfg, trainable)
+
+
+def model_loss(spec: TrainSpec, model: Llama, tokens_bt, targets_bt, mask_bt, key):
+  """Token-mean loss of ONE slot's model over its own tokens, and its token count.
+
+  The layers keep what `spec.remat` says for the backward pass (by default only
+  `mixie.model.layers.SAVED`; "full": only their inputs); the logits `model` could make are never formed whole: the loss unembeds in chunks.
+  """
   rate = spec.lora.dropout if spec.lora_mode else 0.0
-  # the logits `forward` would make are unused (and dropped by the compiler): the loss unembeds in chunks
-  _, _, h_btd = forward(params, expert, tokens_bt, spec.cfg, lora_scale=spec.lora.scale, dropout_rate=rate,
-                        dropout_key=key if rate > 0 else None, remat=spec.remat, return_hidden=True)
+  h_btd, _ = model(tokens_bt, dropout_key=key if rate > 0 else None,
+                   remat=spec.remat)
   mask_bt = mask_bt.astype(jnp.float32)
   n = mask_bt.sum()
-  nll = chunked_nll(params, h_btd, targets_bt, mask_bt, spec.cfg, spec.ce_chunk)
+  nll = chunked_nll(model.logits, h_btd, targets_bt, mask_bt, spec.ce_chunk)
   return jnp.where(n > 0, nll / jnp.maximum(n, 1.0), 0.0), n
+
+
+def slot_loss(spec: TrainSpec, trainable, base, tokens_bt, targets_bt, mask_bt, key):
+  """`model_loss` of one slot given as pure state (its trainable tree and the frozen base)."""
+  return model_loss(spec, bind_trainable(spec, trainable, base), tokens_bt, targets_bt, mask_bt, key)
 
 
 def train_step(spec: TrainSpec, state, base, batch):
   """One step for all slots: per-slot losses, their sum differentiated, a masked per-expert update.
 
-  Returns `(new_state, metrics)`, metrics `{"loss", "tokens", "grad_norm", "lr"}` each `[E]`;
-  `loss` and `grad_norm` of slots without tokens are 0 and those slots do not move.
+  The slots are `model_loss` `nnx.vmap`ped over the trainable variables' leading axis (`LoRAParam`s,
+  or every `Param` in "full" mode), the rest broadcast. Returns `(new_state, metrics)`, metrics
+  `{"loss", "tokens", "grad_norm", "lr"}` each `[E]`; `loss` and `grad_norm` of slots without tokens
+  are 0 and those slots do not move.
   """
   keys_e = jax.vmap(lambda t, s: dropout_key(spec, t, s))(state["topic"], state["opt"]["step"])
   frozen = base if spec.lora_mode else None
+  per_slot = vmap_adapters(functools.partial(model_loss, spec), axis=0, in_axes=(0, 0, 0, 0),
+                           mapped=TRAINABLE if spec.lora_mode else nnx.Param)
 
   def total(trainable_e):
-    loss_e, n_e = jax.vmap(lambda tr, tok, tgt, m, k: slot_loss(spec, tr, frozen, tok, tgt, m, k))(
-        trainable_e, batch["tokens"], batch["targets"], batch["loss_mask"], keys_e)
+    loss_e, n_e = per_slot(bind_trainable(spec, trainable_e, frozen), batch["tokens"], batch["targets"],
+                           batch["loss_mask"], keys_e)
     return loss_e.sum(), (loss_e, n_e)
 
   grads_e, (loss_e, n_e) = jax.grad(total, has_aux=True)(state["params"])
@@ -256,7 +285,7 @@ def _compile_fns(spec: TrainSpec, mesh: Mesh, rules, base_abstract) -> Compiled:
   full_bs = base_shardings(spec, mesh, rules)
   bs = full_bs if spec.lora_mode else None  # "full" trains the base: no frozen argument
   bt = batch_shardings(mesh, rules)
-  e_sh = NamedSharding(mesh, shd.logical_to_spec(("expert",), rules, mesh))
+  e_sh = NamedSharding(mesh, shd.logical_to_spec(ACTIVATION_AXES["slot"], rules, mesh))
   metrics_sh = {k: e_sh for k in ("loss", "tokens", "grad_norm", "lr")}
   step = jax.jit(lambda s, b, x: train_step(spec, s, b, x), in_shardings=(st, bs, bt),
                  out_shardings=(st, metrics_sh), donate_argnums=(0,))

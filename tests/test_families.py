@@ -1,0 +1,161 @@
+"""The architecture table: loaders read names from the family's row; a checkpoint field or tensor the
+row does not support fails with one message naming it; the base round-trips through HF names."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from mixie.errors import MixieError
+from mixie.model import checkpoint, families
+from mixie.model.llama import param_at, param_shapes
+from mixie.model.lora import PROJECTION_MODULE
+from hf_parity import assert_greedy_matches_hf
+from run_utils import write_tiny_hf_llama
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+  """A 2-layer Llama checkpoint (max_position_embeddings 512, tied embeddings)."""
+  return write_tiny_hf_llama(tmp_path_factory.mktemp("good"))
+
+
+def _copy(good, d):
+  d.mkdir()
+  for f in good.iterdir():
+    (d / f.name).write_bytes(f.read_bytes())
+  return d
+
+
+def _edit_config(d, **kw):
+  cfg = json.loads((d / "config.json").read_text())
+  cfg.update(kw)
+  (d / "config.json").write_text(json.dumps(cfg))
+
+
+def test_llama_row_names_every_parameter_and_projection():
+  row = families.get("llama")
+  cfg_keys = {"embed", "final_norm", "lm_head", "attn_norm", "mlp_norm", *PROJECTION_MODULE}
+  assert set(row.hf_tensors) == set(row.gguf_tensors) == cfg_keys
+  assert set(row.peft_modules) == set(PROJECTION_MODULE)
+  assert (row.norm_offset, row.activation, row.qkv_bias, row.embed_scale) == (0.0, "silu", False, False)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("attention_bias", True), ("mlp_bias", True), ("sliding_window", 16),
+    ("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0), ("hidden_act", "gelu"),
+])
+def test_unsupported_config_field_is_named(good, tmp_path, field, value):
+  d = _copy(good, tmp_path / "ckpt")
+  _edit_config(d, **{field: value})
+  with pytest.raises(MixieError, match=f"{field}=") as e:
+    checkpoint.load_hf(d)
+  assert str(d / "config.json") in str(e.value) and "llama family" in str(e.value)
+
+
+def test_a_window_as_long_as_the_positions_is_plain_attention(good, tmp_path):
+  """Mistral's config with a window no shorter than max_position_embeddings loads as a Llama."""
+  d = _copy(good, tmp_path / "ckpt")
+  _edit_config(d, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=512)
+  cfg, _ = checkpoint.load_hf(d)
+  assert cfg.family == "llama"
+
+
+def test_tensor_the_family_lacks_is_named(good, tmp_path):
+  d = _copy(good, tmp_path / "ckpt")
+  tensors = load_file(d / "model.safetensors")
+  tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(32, np.float32)
+  save_file(tensors, d / "model.safetensors")
+  with pytest.raises(MixieError, match="'model.layers.0.self_attn.q_proj.bias' is not supported"):
+    checkpoint.load_hf(d)
+
+
+def test_unknown_family_and_gguf_architecture():
+  from mixie.errors import ConfigError
+  with pytest.raises(ConfigError, match="model family 'gpt2'"):
+    families.get("gpt2")
+  with pytest.raises(MixieError, match="GGUF architecture 'gpt2'"):
+    families.for_gguf_architecture("gpt2", "x.gguf")
+
+
+def test_hf_tensors_round_trip(good, tmp_path):
+  """`hf_tensors` writes the loaded base back under the row's names; loading that gives the same."""
+  cfg, params = checkpoint.load_hf(good)
+  d = tmp_path / "again"
+  d.mkdir()
+  (d / "config.json").write_bytes((good / "config.json").read_bytes())
+  save_file(checkpoint.hf_tensors(cfg, params), d / "model.safetensors")
+  cfg2, params2 = checkpoint.load_hf(d)
+  assert cfg2 == cfg
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert jax.tree.map(np.shape, params) == param_shapes(cfg)
+  assert param_at(params, "q").shape == (2, 32, 32)
+
+
+# --- Qwen2: Llama plus q/k/v biases, against transformers' Qwen2ForCausalLM ---------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+  """A tiny random Qwen2 (GQA, untied) with non-zero q/k/v biases, saved by transformers, and loaded."""
+  import torch
+  import transformers
+
+  path = tmp_path_factory.mktemp("qwen2")
+  torch.manual_seed(0)
+  hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+      vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+      intermediate_size=96, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False)).eval()
+  with torch.no_grad():
+    for name, p in hf.named_parameters():
+      if name.endswith("_proj.bias"):  # HF initialises them to zero: make them matter
+        p.normal_(0.0, 0.5)
+  hf.save_pretrained(path)
+  cfg, params = checkpoint.load_hf(path)
+  return hf, cfg, params
+
+
+QWEN_TOKENS = np.random.default_rng(1).integers(0, 256, (2, 24))
+
+
+def test_qwen2_logits_match_transformers(qwen2):
+  import torch
+
+  from mixie.model.llama import forward
+  hf, cfg, params = qwen2
+  assert cfg.family == "qwen2" and param_at(params, "q_bias").shape == (2, 64)
+  with torch.no_grad():
+    ref = hf(torch.as_tensor(QWEN_TOKENS)).logits.float().numpy()
+  ours = np.asarray(forward(params, None, QWEN_TOKENS, cfg)[0])
+  np.testing.assert_array_less(np.abs(ours - ref).max(), 1e-4)
+  # the biases are read and used: without them the logits differ
+  unbiased = jax.tree_util.tree_map_with_path(
+      lambda p, x: np.zeros_like(x) if "bias" in jax.tree_util.keystr(p) else x, params)
+  assert np.abs(np.asarray(forward(unbiased, None, QWEN_TOKENS, cfg)[0]) - ref).max() > 1e-3
+
+
+def test_qwen2_greedy_20_tokens_match_transformers_with_and_without_cache(qwen2):
+  hf, cfg, params = qwen2
+  assert_greedy_matches_hf(hf, params, cfg, QWEN_TOKENS[:1, :10], ({"use_cache": True}, {"use_cache": False}))
+
+
+def test_qwen2_row_and_its_refusals(qwen2, tmp_path):
+  """The row names every parameter of its model (the HF round trip, biases included); its GGUF files are
+  refused by name."""
+  _, cfg, params = qwen2
+  d = tmp_path / "again"
+  d.mkdir()
+  save_file(checkpoint.hf_tensors(cfg, params), d / "model.safetensors")
+  (d / "config.json").write_text(json.dumps({
+      "architectures": ["Qwen2ForCausalLM"], "vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2,
+      "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96,
+      "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}))
+  cfg2, params2 = checkpoint.load_hf(d)
+  assert cfg2 == cfg
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(MixieError, match="GGUF architecture 'qwen2' is not supported"):
+    families.for_gguf_architecture("qwen2", "x.gguf")
