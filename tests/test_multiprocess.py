@@ -25,6 +25,8 @@ import pytest
 from conftest import ROOT, TINY_RUN_OVERRIDES
 from run_utils import write_tiny_hf_llama
 
+from mixie.store import ExpertStore
+
 LAUNCH = [sys.executable, str(ROOT / "launch" / "local.py"), "--processes", "2", "--devices-per-process", "4",
           "--grace", "3", "--"]
 CENTROID_ATOL = 1e-6  # f32 k-means centroids: psum order (see the module docstring)
@@ -80,12 +82,12 @@ def test_two_processes_span_the_mesh(runs):
 
 def test_store_and_table_equal_one_process(runs):
   mp, sp = runs["mp"], runs["sp"]
-  topics = sorted(p.name for p in (sp / "experts").iterdir())
-  assert topics == sorted(p.name for p in (mp / "experts").iterdir()) and len(topics) == 8
+  s_mp, s_sp = ExpertStore(mp / "experts"), ExpertStore(sp / "experts")
+  topics = s_sp.topics()
+  assert topics == s_mp.topics() and len(topics) == 8
   for t in topics:  # weights bit for bit
-    assert (mp / "experts" / t / "weights.safetensors").read_bytes() == \
-        (sp / "experts" / t / "weights.safetensors").read_bytes(), t
-    m_mp, m_sp = (json.loads((d / "experts" / t / "meta.json").read_text()) for d in (mp, sp))
+    assert s_mp.weights_file(t).read_bytes() == s_sp.weights_file(t).read_bytes(), t
+    m_mp, m_sp = (s.meta(t).to_json() for s in (s_mp, s_sp))
     np.testing.assert_allclose(m_mp.pop("centroid"), m_sp.pop("centroid"), rtol=0, atol=CENTROID_ATOL)
     assert m_mp == m_sp  # tokens, losses, budgets, merged topics: exactly
   np.testing.assert_allclose(np.load(mp / "topics" / "centroids.npy"), np.load(sp / "topics" / "centroids.npy"),
@@ -124,7 +126,8 @@ def test_only_process_zero_wrote(runs):
     if p not in written:
       unaccounted.append(rel)
   assert not unaccounted, f"files no write log accounts for: {unaccounted}"
-  assert any("experts/topic_" in str(p) for p in written) and (mp / "eval" / "results.json").resolve() in written
+  assert any("experts/blobs/" in str(p) for p in written) and any("experts/generations/" in str(p) for p in written)
+  assert (mp / "eval" / "results.json").resolve() in written
 
 
 def test_sigkill_one_process_then_resume(runs, tmp_path):
@@ -139,17 +142,19 @@ def test_sigkill_one_process_then_resume(runs, tmp_path):
   r = _run(LAUNCH + _train_cmd(wd, over), _env(MIXIE_FAULT_KILL="1:14"))
   assert r.returncode == 128 + 9, r.stdout[-4000:]
   assert "process 1 failed (signal SIGKILL)" in r.stdout
-  assert len(list((wd / "experts").rglob("meta.json"))) == 4  # the first wave's experts only
+  assert len(list((wd / "experts" / "staging").rglob("topic_*.json"))) == 4  # the first wave's, staged
+  assert ExpertStore(wd / "experts").topics() == []  # nothing committed: the run did not finish
   assert sorted(p.name for p in (wd / "checkpoints" / "experts").iterdir() if p.name.isdigit()) == ["12"]
   r = _run(LAUNCH + _train_cmd(wd, over), _env())
   assert r.returncode == 0, r.stdout[-6000:]
   for i in (0, 1):
     assert any(l.startswith(f"[p{i}] mixie.train[experts]: resumed from") and l.endswith("at step 12")
                for l in r.stdout.splitlines()), r.stdout[-3000:]
-  done = runs["mp"] / "experts"
-  assert _files(wd / "experts") == _files(done)
-  for rel in _files(done):
-    assert (wd / "experts" / rel).read_bytes() == (done / rel).read_bytes(), rel
+  done, resumed = ExpertStore(runs["mp"] / "experts"), ExpertStore(wd / "experts")
+  assert resumed.topics() == done.topics()
+  for t in done.topics():  # the same bytes (content-addressed: the same hash) and the same metadata
+    assert resumed.sha256(t) == done.sha256(t) and resumed.meta(t) == done.meta(t), t
+    assert resumed.weights_file(t).read_bytes() == done.weights_file(t).read_bytes(), t
 
 
 def test_export_and_generate_with_two_processes(runs, tmp_path):
