@@ -50,13 +50,13 @@ from mixie.model.load import load_base  # noqa: E402
 from mixie.route.run import build_router, expert_of_topic  # noqa: E402
 from mixie.serve.run import make_server  # noqa: E402
 from mixie.sharding import mesh_from_config  # noqa: E402
-from mixie.store import ExpertStore  # noqa: E402
+from mixie.store import ExpertStore, Staging  # noqa: E402
 from mixie.train import loop as train_loop_mod  # noqa: E402
 from mixie.train.main import open_train_data, train_run  # noqa: E402
 from mixie.train.metrics import MetricsWriter  # noqa: E402
 from mixie.train.scheduler import ExpertScheduler  # noqa: E402
 
-PER_EXPERT = ("ExpertStore.write", "ExpertScheduler.release", "ExpertScheduler.fill",
+PER_EXPERT = ("Staging.write", "ExpertScheduler.release", "ExpertScheduler.fill",
               "PackedLoader.set_slot")  # the training loop's host work when experts finish and start
 PER_STEP = ("PackedLoader.next_batch", "_put_batch", "ExpertScheduler.add_tokens")
 
@@ -72,7 +72,8 @@ def timed_calls(records: list):
   training loop's host-side functions (patched for the duration; they behave the same). `key` is the
   number of slots of a `_gather_slots` call (its first call per number compiles), else None. The thread's
   CPU time is the host's own work, whatever else runs on the machine (the figures compared across E)."""
-  targets = [(ExpertStore, "write"), (ExpertScheduler, "release"), (ExpertScheduler, "fill"),
+  targets = [(Staging, "write"), (ExpertStore, "commit"), (ExpertScheduler, "release"),
+             (ExpertScheduler, "fill"),
              (ExpertScheduler, "add_tokens"), (PackedLoader, "set_slot"), (PackedLoader, "next_batch"),
              (train_loop_mod, "_gather_slots"), (train_loop_mod, "_put_batch")]
   saved = []
@@ -118,7 +119,7 @@ def wave_costs(records: list) -> list[float]:
   for label, _, ct, _ in records:
     if label in PER_EXPERT:
       cpu += ct
-      written += label == "ExpertStore.write"
+      written += label == "Staging.write"
     if label == "ExpertScheduler.fill":
       if written:
         out.append(1e3 * cpu / written)
@@ -127,14 +128,15 @@ def wave_costs(records: list) -> list[float]:
 
 
 def calibration_write_ms(store_dir: str, rounds: int = 4, per_round: int = 16) -> float:
-  """CPU milliseconds per `ExpertStore.write` of one of the run's experts into a fresh scratch store (the
-  median of `rounds`): what a write costs on this machine right now, to which the per-expert host work
-  is compared, so that a machine busier in one run than in another does not read as a cost of E."""
+  """CPU milliseconds per staged write (`Staging.write`, as the training loop's) of one of the run's
+  experts into a fresh scratch store (the median of `rounds`): what a write costs on this machine right
+  now, to which the per-expert host work is compared, so that a machine busier in one run than in
+  another does not read as a cost of E."""
   store = ExpertStore(store_dir)
   tree, meta = store.load(store.topics()[0], None)
   out = []
   with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(store_dir))) as scratch:
-    s = ExpertStore(scratch)
+    s = ExpertStore(scratch).staging("calibration")
     for r in range(rounds):
       c0 = time.thread_time()
       for i in range(per_round):
@@ -235,9 +237,9 @@ def store_and_router_stage(config, out: dict, k: int) -> ExpertStore:
   out["store"] = {"experts": n, "list_ms_per_expert": 1e3 * (t1 - t0) / n,
                   "meta_ms_per_expert": 1e3 * (t2 - t1) / n, "list_cpu_ms_per_expert": 1e3 * (c1 - c0) / n,
                   "meta_cpu_ms_per_expert": 1e3 * (c2 - c1) / n,
-                  "bytes_per_expert": sum(os.path.getsize(os.path.join(store.entry_dir(t), f))
-                                          for t in sample for f in ("weights.safetensors", "meta.json"))
-                  / len(sample)}
+                  # its weights file, and its share of the generation's manifest (which holds the metadata)
+                  "bytes_per_expert": sum(os.path.getsize(store.weights_file(t)) for t in sample) / len(sample)
+                  + os.path.getsize(store.snapshot().manifest_file() or os.devnull) / n}
   out["stages_s"]["store_scan"] = t2 - t0
   t0 = time.perf_counter()
   router = build_router(config, store)

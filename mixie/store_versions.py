@@ -58,7 +58,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from mixie.errors import MixieError, check
-from mixie.io import PathLike, atomic_write_bytes, path as _path, read_json
+from mixie.io import PathLike, atomic_write_bytes, note_write, path as _path, read_json
 
 FORMAT = "mixie_store/1"
 CURRENT = "CURRENT"
@@ -167,6 +167,7 @@ def durable_write_bytes(p: PathLike, data: bytes) -> None:
     os.fsync(f.fileno())
   os.replace(tmp, os.fspath(p))
   fsync_dir(p.parent)
+  note_write(p)  # MIXIE_WRITE_LOG (atomic_write_bytes notes its own)
 
 
 def fsync_dir(d) -> None:
@@ -190,6 +191,7 @@ def writer_lock(directory) -> Iterator[None]:
 
   d.mkdir(parents=True, exist_ok=True)
   fd = os.open(os.fspath(d / ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+  note_write(d / ".lock")
   try:
     t0 = time.time()
     while True:
