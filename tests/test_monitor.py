@@ -59,7 +59,7 @@ def _write_log(path, plan, seed=0):
       routed = router.route(q[i:i + 1])
       b = POLICY.below(routed)
       served = apply_fallback(routed, b, fallback_expert("base")) if b.any() else routed
-      res = [Result(tokens=[5, 6, 7], latency_ms={"load": 0.1, "generate": 20.0})]
+      res = [Result(tokens=[5, 6, 7], latency_ms={"load": 0.1, "prefill": 5.0, "decode": 15.0})]
       log.append(request_records(time_s=t, source="server", mode="centroid", prefixes=[[1, 2, 3]],
                                  routed=routed, served=served, below_n=b, policy=POLICY, results=res,
                                  token_counts=[12], route_ms=0.3))

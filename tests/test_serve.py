@@ -13,8 +13,8 @@ from mixie.model.llama import LlamaConfig, forward, init_cache, param_shapes
 from mixie.model.lora import LoraConfig, expert_shapes
 from mixie.route.router import Router, RouterConfig
 from mixie.route.search import SearchConfig
-from mixie.serve.batched import (gather_experts, generate_rows, mixture_token_logprobs, rows_forward,
-                                 rows_prefill)
+from mixie.serve.batched import (decode_rows, gather_experts, generate_rows, mixture_token_logprobs,
+                                 prefill_rows, rows_forward, rows_prefill)
 from mixie.serve.cache import ExpertCache
 from mixie.serve.server import Server
 from mixie.store import ExpertMeta, ExpertStore
@@ -138,6 +138,15 @@ def test_stop_tokens_and_sampling(model):
   s1, _ = generate_rows(*args, NO_STOP, jax.random.key(1), temperature=1.0, **kw)
   s2, _ = generate_rows(*args, NO_STOP, jax.random.key(2), temperature=1.0, **kw)
   assert not np.array_equal(s1, s2) and not np.array_equal(s1, greedy)
+  # the server's two calls (prefill, then the decode loop from its carry) give the same tokens
+  for stops, key, temp in ((jnp.asarray([stop]), jax.random.key(0), 0.0),
+                           (NO_STOP, jax.random.key(1), 1.0)):
+    want = generate_rows(*args, stops, key, temperature=temp, **kw)
+    for unstack in (False, True):
+      carry = prefill_rows(*args, stops, key, temperature=temp, **kw)
+      got = decode_rows(*args[:3], stops, carry, temperature=temp, unstack=unstack, **kw)
+      np.testing.assert_array_equal(got[0], want[0])
+      np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_topk_mixture_scoring_and_greedy_generation(model):

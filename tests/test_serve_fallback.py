@@ -154,8 +154,9 @@ def test_every_prompt_is_logged_as_one_json_line_without_text(model, stores, tmp
     assert rec["margin"] == pytest.approx(r.confidence["margin"]) == pytest.approx(rec["confidence"])
     assert rec["vote_share"] is None and rec["threshold"] == THRESHOLD and rec["mode"] == "centroid"
     assert rec["tokens_in"] == len(ids) and rec["tokens_out"] == len(r.tokens)
-    assert set(rec["latency_ms"]) == {"route", "load", "generate"}
-    assert all(v >= 0 for v in rec["latency_ms"].values()) and rec["latency_ms"]["generate"] > 0
+    assert set(rec["latency_ms"]) == {"route", "load", "prefill", "decode"}
+    assert all(v >= 0 for v in rec["latency_ms"].values())
+    assert rec["latency_ms"]["prefill"] > 0 and rec["latency_ms"]["decode"] > 0
   assert len({r["batch"] for r in recs}) == 2 and recs[0]["batch_size"] == len(PROMPTS)
   text = log_file.read_text()
   assert not any(p in text for p in PROMPTS)  # no prompt text (each has 3+ numbers in a row)

@@ -11,7 +11,8 @@ Every generation in mixie (`generate` here: one expert or the base for all rows;
   padded prompts into a KV cache, then one token per row at each row's own length.
 - `sample_logits`: greedy or temperature / top-k / top-p sampling; `mix_logprobs`: the one helper that
   mixes the next-token distributions of g rows per prompt (topk routing), g = 1 unchanged.
-- `decode_loop`: prefill, then a `lax.while_loop` until `max_new` tokens or every prompt has stopped.
+- `decode_loop`: prefill, then a `lax.while_loop` until `max_new` tokens or every prompt has stopped;
+  its two halves `decode_first` / `decode_rest` for callers that time prefill and decode apart.
 
 Padding convention: prompts are right-padded with `lengths_b` real tokens (>= 1); output rows hold the
 new tokens, `pad_id` after a row's stop token, and the count produced (stop token included).
@@ -180,28 +181,30 @@ def _mixed_next(logits_bv, weights_pg):
                       weights_pg)
 
 
-def decode_loop(prefill_fn, step_fn, prompt_bt, lengths_b, weights_pg, stop_s, key, *, max_new: int,
-                pad_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
-  """Prefill + an on-device decode loop of b = p*g rows, each group of g rows mixed into one prompt.
+def _draw(logits_bv, key, weights_pg, temperature, top_k, top_p):
+  """The next token of each prompt from its g rows' logits (the key is split even when greedy)."""
+  key, sub = jax.random.split(key)
+  tok = sample_logits(_mixed_next(logits_bv, weights_pg), sub, temperature=temperature, top_k=top_k,
+                      top_p=top_p)
+  return tok.astype(jnp.int32), key
 
-  `prefill_fn(prompt_bt, lengths_b) -> (logits_bv, state)` and `step_fn(state, tokens_b, step) ->
-  (logits_bv, state)` run the model (step = index of the token fed, 0-based). Rows stop at a token
-  in `stop_s`; tokens after it are `pad_id`. Returns `(tokens_pn, n_p)`: `[p, max_new]` new tokens
-  and how many each prompt produced (stop token included).
-  """
-  p, g = weights_pg.shape
 
-  def draw(logits_bv, key):  # the key is split even when greedy (unused then): one code path
-    key, sub = jax.random.split(key)
-    tok = sample_logits(_mixed_next(logits_bv, weights_pg), sub, temperature=temperature, top_k=top_k,
-                        top_p=top_p)
-    return tok.astype(jnp.int32), key
-
+def decode_first(prefill_fn, prompt_bt, lengths_b, weights_pg, stop_s, key, *, max_new: int, pad_id: int,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
+  """The prefill half of `decode_loop`: the prompts through `prefill_fn` and the first new token.
+  Returns the loop's carry, which `decode_rest` continues (a separate jitted call can time the two)."""
+  p, _ = weights_pg.shape
   logits_bv, state = prefill_fn(prompt_bt, lengths_b.astype(jnp.int32))
-  tok_p, key = draw(logits_bv, key)
+  tok_p, key = _draw(logits_bv, key, weights_pg, temperature, top_k, top_p)
   out_pn = jnp.full((p, max_new), pad_id, jnp.int32).at[:, 0].set(tok_p)
-  done_p = jnp.isin(tok_p, stop_s)
-  n_p = jnp.ones((p,), jnp.int32)
+  return jnp.int32(1), tok_p, state, out_pn, jnp.isin(tok_p, stop_s), jnp.ones((p,), jnp.int32), key
+
+
+def decode_rest(step_fn, carry, weights_pg, stop_s, *, max_new: int, pad_id: int, temperature: float = 0.0,
+                top_k: int = 0, top_p: float = 1.0):
+  """The decode half of `decode_loop`: a `lax.while_loop` from `decode_first`'s carry until `max_new`
+  tokens or every prompt has stopped. Returns `(tokens_pn, n_p)`."""
+  g = weights_pg.shape[1]
 
   def cond(carry):
     i, _, _, _, done_p, _, _ = carry
@@ -211,16 +214,30 @@ def decode_loop(prefill_fn, step_fn, prompt_bt, lengths_b, weights_pg, stop_s, k
     i, tok_p, state, out_pn, done_p, n_p, key = carry
     feed_b = jnp.repeat(jnp.maximum(tok_p, 0), g)  # a finished row feeds 0, never a negative pad
     logits_bv, state = step_fn(state, feed_b, i - 1)
-    new_p, key = draw(logits_bv, key)
+    new_p, key = _draw(logits_bv, key, weights_pg, temperature, top_k, top_p)
     new_p = jnp.where(done_p, pad_id, new_p)
     out_pn = jax.lax.dynamic_update_slice(out_pn, new_p[:, None], (0, i))
     n_p = n_p + (~done_p).astype(jnp.int32)
     done_p = done_p | jnp.isin(new_p, stop_s)
     return i + 1, new_p, state, out_pn, done_p, n_p, key
 
-  carry = (jnp.int32(1), tok_p, state, out_pn, done_p, n_p, key)
   _, _, _, out_pn, _, n_p, _ = jax.lax.while_loop(cond, body, carry)
   return out_pn, n_p
+
+
+def decode_loop(prefill_fn, step_fn, prompt_bt, lengths_b, weights_pg, stop_s, key, *, max_new: int,
+                pad_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
+  """Prefill + an on-device decode loop of b = p*g rows, each group of g rows mixed into one prompt
+  (`decode_first`, then `decode_rest`).
+
+  `prefill_fn(prompt_bt, lengths_b) -> (logits_bv, state)` and `step_fn(state, tokens_b, step) ->
+  (logits_bv, state)` run the model (step = index of the token fed, 0-based). Rows stop at a token
+  in `stop_s`; tokens after it are `pad_id`. Returns `(tokens_pn, n_p)`: `[p, max_new]` new tokens
+  and how many each prompt produced (stop token included).
+  """
+  kw = dict(max_new=max_new, pad_id=pad_id, temperature=temperature, top_k=top_k, top_p=top_p)
+  carry = decode_first(prefill_fn, prompt_bt, lengths_b, weights_pg, stop_s, key, **kw)
+  return decode_rest(step_fn, carry, weights_pg, stop_s, **kw)
 
 
 def cached_decode(decoder: Decoder, cache_len: int, stepper: Decoder | None = None):

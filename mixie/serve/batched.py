@@ -12,7 +12,8 @@ S-LoRA, with no custom kernel). Decoding is `mixie.model.generate`'s one decode 
   one expert per row (KV cache in `init_cache`'s layout).
 - `mixture_token_logprobs`: log p(target) under the mixture of each prompt's g experts (scoring).
 - `generate_rows`: jitted prefill + decode loop (greedy or sampled, stop tokens, right-padded prompts of
-  mixed lengths, g experts mixed per prompt), all on device.
+  mixed lengths, g experts mixed per prompt), all on device; `prefill_rows` + `decode_rows`: the same
+  as two jitted calls (the server times prefill and decode apart).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mixie.model.generate import Decoder, cached_decode, decode_loop, mix_logprobs  # noqa: F401
+from mixie.model.generate import (  # noqa: F401 (mix_logprobs re-exported)
+    Decoder, cached_decode, decode_first, decode_loop, decode_rest, mix_logprobs)
 from mixie.model.llama import LlamaConfig, bind, token_logprobs, vmap_adapters
 
 
@@ -111,12 +113,47 @@ def generate_rows(params, experts_b, weights_pg, tokens_bt, lengths_b, stop_ids_
     `(tokens_pn, n_p)`: generated ids `[p, max_new_tokens]` (the stop token included; -1 after it) and
     the number generated per prompt (up to and including the first stop token).
   """
-  # prefill: one scan over the layers, which reads layer-major experts without a transpose per layer;
-  # unstacked decoding slices each layer's experts out of the rows' own `[b, l, ...]` stacks instead
-  # (a per-layer slice of a layer-major copy made XLA transpose all layers once for every layer)
-  stacked = Decoder.of(bind(cfg, params, layer_major(experts_b), lora_scale=lora_scale), row_axis=1)
-  stepper = (Decoder.of(bind(cfg, params, experts_b, lora_scale=lora_scale), row_axis=0).unstacked()
-             if unstack else stacked)
-  fns = cached_decode(stacked, tokens_bt.shape[1] + max_new_tokens, stepper)
+  fns = cached_decode(_prefill_decoder(params, experts_b, cfg, lora_scale), tokens_bt.shape[1] + max_new_tokens,
+                      _step_decoder(params, experts_b, cfg, lora_scale, unstack))
   return decode_loop(*fns, tokens_bt, lengths_b, weights_pg, stop_ids_s, key, max_new=max_new_tokens,
                      pad_id=-1, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+# prefill: one scan over the layers, which reads layer-major experts without a transpose per layer;
+# unstacked decoding slices each layer's experts out of the rows' own `[b, l, ...]` stacks instead
+# (a per-layer slice of a layer-major copy made XLA transpose all layers once for every layer)
+def _prefill_decoder(params, experts_b, cfg, lora_scale):
+  return Decoder.of(bind(cfg, params, layer_major(experts_b), lora_scale=lora_scale), row_axis=1)
+
+
+def _step_decoder(params, experts_b, cfg, lora_scale, unstack):
+  if not unstack:
+    return _prefill_decoder(params, experts_b, cfg, lora_scale)
+  return Decoder.of(bind(cfg, params, experts_b, lora_scale=lora_scale), row_axis=0).unstacked()
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_scale", "max_new_tokens", "temperature",
+                                             "top_p", "top_k"))
+def prefill_rows(params, experts_b, weights_pg, tokens_bt, lengths_b, stop_ids_s, key, *,
+                 cfg: LlamaConfig, lora_scale: float, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0):
+  """`generate_rows`' prefill as its own jitted call (the server times prefill and decode apart): the
+  KV cache and the first new token, as the decode loop's carry for `decode_rows`."""
+  prefill_fn, _ = cached_decode(_prefill_decoder(params, experts_b, cfg, lora_scale),
+                                tokens_bt.shape[1] + max_new_tokens)
+  return decode_first(prefill_fn, tokens_bt, lengths_b, weights_pg, stop_ids_s, key, max_new=max_new_tokens,
+                      pad_id=-1, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_scale", "max_new_tokens", "temperature",
+                                             "top_p", "top_k", "unstack"))
+def decode_rows(params, experts_b, weights_pg, stop_ids_s, carry, *, cfg: LlamaConfig, lora_scale: float,
+                max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                unstack: bool = False):
+  """`generate_rows`' decode loop from `prefill_rows`' carry: `(tokens_pn, n_p)`, the same as
+  `generate_rows` returns for the same arguments. (The carry is not donated: no output has the KV
+  cache's shape, so XLA could not reuse its buffers.)"""
+  step = _step_decoder(params, experts_b, cfg, lora_scale, unstack)
+  _, step_fn = cached_decode(step, 0, step)  # the cache length is the prefill's
+  return decode_rest(step_fn, carry, weights_pg, stop_ids_s, max_new=max_new_tokens, pad_id=-1,
+                     temperature=temperature, top_k=top_k, top_p=top_p)

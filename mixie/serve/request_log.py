@@ -17,12 +17,13 @@ Schema (version 1; `mixie.monitor` reads it), one object per line, strict JSON (
     confidence, threshold          the value the fallback rule compared, and its threshold
     tokens_in, tokens_out          prompt tokens, generated tokens (stop token excluded)
     latency_ms     {"route": the call's routing (embedding, search, fallback rule),
-                    "load": expert loads of the prompt's batch, "generate": its prefill + decode}
+                    "load": expert loads of the prompt's batch, "prefill": its prefill and first
+                    token, "decode": the rest of its decode loop}
     error          null, or why the prompt failed
 
 Latencies are those of the batch the prompt ran in (prompts are routed and decoded together).
-Prefill and decode are one jitted call (`mixie.serve.batched.generate_rows`) and are timed together:
-timing them apart would need a device sync between them. Drift needs no embedding in the log:
+Prefill and decode are two jitted calls (`mixie.serve.batched.prefill_rows`, `decode_rows`) with one
+device sync between them, so that each is timed on its own. Drift needs no embedding in the log:
 `distance` and `margin` place each query against the training centroids (`mixie.monitor.drift`).
 
 Writes: each line is one `os.write` of the whole line to a file opened with O_APPEND, so several

@@ -4,8 +4,9 @@
 1. tokenizes the prompts and routes each on its first `route_tokens` tokens (`Router.route_queries`);
 2. fetches the rows' experts into the on-device LRU cache (`ExpertCache`), loading misses from the
    expert store; a prompt whose expert is missing or corrupt gets an error `Result`, the rest go on;
-3. decodes the batch with `generate_rows` (one jitted prefill + decode loop, KV cache, greedy or
-   sampled, stop tokens, right-padded prompts of mixed lengths). In `topk` mode each prompt occupies
+3. decodes the batch with `generate_rows`' two halves (`prefill_rows`, then the decode loop
+   `decode_rows`, timed apart; KV cache, greedy or sampled, stop tokens, right-padded prompts of
+   mixed lengths). In `topk` mode each prompt occupies
    k rows whose next-token distributions are mixed with the router's weights.
 
 Batches are padded to power-of-two rows and prompt lengths to a multiple of `length_bucket`, so a
@@ -41,7 +42,7 @@ from mixie.model.llama import LlamaConfig
 from mixie.model.lora import LoraConfig
 from mixie.route.fallback import LORA_ALL_KEY, Policy, apply_fallback, fallback_expert
 from mixie.route.router import RouteResult, prefix_token_ids
-from mixie.serve.batched import gather_experts, generate_rows
+from mixie.serve.batched import decode_rows, gather_experts, prefill_rows
 from mixie.serve.cache import ExpertCache
 from mixie.serve.request_log import RequestLog, request_records
 from mixie.store import ExpertStore
@@ -259,13 +260,11 @@ class Server:
       if not ok:
         continue
       rows = [chunk[j] for j in ok]
-      t0 = time.perf_counter()
-      out_pn, n_p = self._decode([token_ids[i] for i in rows], slot_pg[ok], weights[rows],
-                                 stop_ids, jax.random.fold_in(key, chunk_no), max_new_tokens,
-                                 temperature, top_p, top_k)
-      gen_ms = 1e3 * (time.perf_counter() - t0)  # _decode ends with the (existing) device_get
+      out_pn, n_p, prefill_ms, decode_ms = self._decode(
+          [token_ids[i] for i in rows], slot_pg[ok], weights[rows], stop_ids,
+          jax.random.fold_in(key, chunk_no), max_new_tokens, temperature, top_p, top_k)
       for j, i in enumerate(rows):
-        results[i].latency_ms = {"load": load_ms, "generate": gen_ms}
+        results[i].latency_ms = {"load": load_ms, "prefill": prefill_ms, "decode": decode_ms}
         toks = [int(t) for t in out_pn[j, :n_p[j]]]
         if toks and toks[-1] in set(stop_ids.tolist()):
           toks = toks[:-1]
@@ -294,7 +293,9 @@ class Server:
 
   def _decode(self, token_ids, slot_pg, weights_pg, stop_ids, key, max_new_tokens, temperature,
               top_p, top_k):
-    """Pads one batch to bucketed shapes and runs `generate_rows`."""
+    """Pads one batch to bucketed shapes and runs `generate_rows` as its two calls (`prefill_rows`, then
+    `decode_rows`), timed apart: `(tokens_pn, n_p, prefill_ms, decode_ms)`. The one extra sync, after the
+    prefill, costs one dispatch gap per batch."""
     p, g = slot_pg.shape
     p_pad = _bucket_pow2(p)
     t_max = max(len(ids) for ids in token_ids)
@@ -310,11 +311,16 @@ class Server:
     w = np.full((p_pad, g), 1.0 / g, np.float32)
     w[:p] = weights_pg
     experts_b = gather_experts(self.cache.slots_c, jnp.asarray(slots.reshape(-1)))
-    out_pn, n_p = generate_rows(
-        self.params, experts_b, jnp.asarray(w), jnp.asarray(np.repeat(tokens, g, axis=0)),
-        jnp.asarray(np.repeat(lengths, g)), jnp.asarray(stop_ids), key, cfg=self.cfg,
-        lora_scale=self.lora.scale, max_new_tokens=int(max_new_tokens),
-        temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
-        unstack=jax.default_backend() == "cpu")
+    w, stop = jnp.asarray(w), jnp.asarray(stop_ids)
+    kw = dict(cfg=self.cfg, lora_scale=self.lora.scale, max_new_tokens=int(max_new_tokens),
+              temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
+    t0 = time.perf_counter()
+    carry = prefill_rows(self.params, experts_b, w, jnp.asarray(np.repeat(tokens, g, axis=0)),
+                         jnp.asarray(np.repeat(lengths, g)), stop, key, **kw)
+    jax.block_until_ready(carry)
+    t1 = time.perf_counter()
+    out_pn, n_p = decode_rows(self.params, experts_b, w, stop, carry, unstack=jax.default_backend() == "cpu",
+                              **kw)
     out_pn, n_p = jax.device_get((out_pn, n_p))
-    return np.asarray(out_pn)[:p], np.asarray(n_p)[:p]
+    t2 = time.perf_counter()
+    return np.asarray(out_pn)[:p], np.asarray(n_p)[:p], 1e3 * (t1 - t0), 1e3 * (t2 - t1)
