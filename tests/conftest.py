@@ -13,6 +13,19 @@ import jax  # noqa: E402  (after the flags)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# One persistent compilation cache for every subprocess the tests start (this process read its own
+# settings at `import jax` above, so only the children use it): the many short CLI runs of the same tiny
+# configs (train, resume after a kill, evaluate, the scale simulation's two sizes) compile each program
+# once per suite instead of once per process. Removed when the session ends.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+_JAX_CACHE = tempfile.mkdtemp(prefix="mixie-tests-jax-cache-")
+atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 
 # --- a tiny trained work directory (session-scoped; used by the analysis and notebook tests) ----------
 
