@@ -46,6 +46,8 @@ def test_llama_row_names_every_parameter_and_projection():
 @pytest.mark.parametrize("field, value", [
     ("attention_bias", True), ("mlp_bias", True), ("sliding_window", 16),
     ("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0), ("hidden_act", "gelu"),
+    ("query_pre_attn_scalar", 256), ("use_bidirectional_attention", True),
+    ("layer_types", ["chunked_attention", "full_attention"]),
 ])
 def test_unsupported_config_field_is_named(good, tmp_path, field, value):
   d = _copy(good, tmp_path / "ckpt")
@@ -56,11 +58,11 @@ def test_unsupported_config_field_is_named(good, tmp_path, field, value):
 
 
 def test_a_window_as_long_as_the_positions_is_plain_attention(good, tmp_path):
-  """Mistral's config with a window no shorter than max_position_embeddings loads as a Llama."""
+  """Mistral's config with a window no shorter than max_position_embeddings has no window."""
   d = _copy(good, tmp_path / "ckpt")
   _edit_config(d, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=512)
   cfg, _ = checkpoint.load_hf(d)
-  assert cfg.family == "llama"
+  assert (cfg.family, cfg.sliding_window, cfg.layer_windows()) == ("mistral", 0, None)
 
 
 def test_tensor_the_family_lacks_is_named(good, tmp_path):
@@ -95,57 +97,104 @@ def test_hf_tensors_round_trip(good, tmp_path):
   assert param_at(params, "q").shape == (2, 32, 32)
 
 
-# --- Qwen2: Llama plus q/k/v biases, against transformers' Qwen2ForCausalLM ---------------------------
+# --- Each family's row against transformers: a tiny random model, saved by transformers, loaded by us ---
+
+_BASE = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=96, max_position_embeddings=128, rms_norm_eps=1e-6)
+# family -> (transformers class, its config class, config fields, parameters redrawn ~ N(0, std) so that
+# the family's feature matters). Windows (6) are shorter than the test sequences (24; 10 + 20 greedy).
+ROWS = {
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(tie_word_embeddings=False), {"_proj.bias": 0.5}),
+    "mistral": ("MistralForCausalLM", "MistralConfig", dict(sliding_window=6, tie_word_embeddings=False), {}),
+    "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(head_dim=24), {"norm.weight": 0.3}),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config",
+               dict(num_hidden_layers=3, head_dim=24, sliding_window=6, query_pre_attn_scalar=20,
+                    attn_logit_softcapping=2.0, final_logit_softcapping=0.3),
+               {"norm.weight": 0.3, "q_proj.weight": 0.3, "k_proj.weight": 0.3}),
+}
 
 
-@pytest.fixture(scope="module")
-def qwen2(tmp_path_factory):
-  """A tiny random Qwen2 (GQA, untied) with non-zero q/k/v biases, saved by transformers, and loaded."""
+def _zero_biases(cfg, params):
+  return cfg, jax.tree_util.tree_map_with_path(
+      lambda p, x: np.zeros_like(x) if "bias" in jax.tree_util.keystr(p) else x, params)
+
+
+def _without(**change):
+  return lambda cfg, params: (cfg.replace(**change), params)
+
+
+# family -> ways to drop its feature (`(cfg, params) -> (cfg, params)`): each must change the logits by
+# more than 1e-3, so the parity test can fail (window ignored, caps ignored, Llama's norm/MLP/embedding...)
+ABLATIONS = {
+    "qwen2": [_zero_biases],
+    "mistral": [_without(sliding_window=0)],
+    "gemma": [_without(family="llama")],
+    "gemma2": [_without(sliding_window=0), _without(local_layers=()), _without(attn_softcap=0.0),
+               _without(final_softcap=0.0), _without(query_scale=0.0)],
+}
+
+
+def hf_family_model(family, path):
+  """A tiny random transformers model of `family` (eager attention, so HF applies windows and caps),
+  saved to `path`, and mixie's load of it: `(hf_model, cfg, params)`."""
   import torch
   import transformers
 
-  path = tmp_path_factory.mktemp("qwen2")
+  cls, conf, fields, redraw = ROWS[family]
   torch.manual_seed(0)
-  hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-      vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-      intermediate_size=96, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False)).eval()
+  hf = getattr(transformers, cls)(getattr(transformers, conf)(**{**_BASE, **fields},
+                                                               attn_implementation="eager")).eval()
   with torch.no_grad():
     for name, p in hf.named_parameters():
-      if name.endswith("_proj.bias"):  # HF initialises them to zero: make them matter
-        p.normal_(0.0, 0.5)
+      for suffix, std in redraw.items():
+        if name.endswith(suffix):
+          p.normal_(0.0, std)
   hf.save_pretrained(path)
   cfg, params = checkpoint.load_hf(path)
   return hf, cfg, params
 
 
-QWEN_TOKENS = np.random.default_rng(1).integers(0, 256, (2, 24))
+@pytest.fixture(scope="module", params=list(ROWS))
+def family_model(request, tmp_path_factory):
+  return (request.param,) + hf_family_model(request.param, tmp_path_factory.mktemp(request.param))
 
 
-def test_qwen2_logits_match_transformers(qwen2):
+TOKENS = np.random.default_rng(1).integers(0, 256, (2, 24))
+
+
+def test_family_logits_match_transformers(family_model):
   import torch
 
   from mixie.model.llama import forward
-  hf, cfg, params = qwen2
-  assert cfg.family == "qwen2" and param_at(params, "q_bias").shape == (2, 64)
+  family, hf, cfg, params = family_model
+  assert cfg.family == family
   with torch.no_grad():
-    ref = hf(torch.as_tensor(QWEN_TOKENS)).logits.float().numpy()
-  ours = np.asarray(forward(params, None, QWEN_TOKENS, cfg)[0])
+    ref = hf(torch.as_tensor(TOKENS)).logits.float().numpy()
+  ours = np.asarray(forward(params, None, TOKENS, cfg)[0])
   np.testing.assert_array_less(np.abs(ours - ref).max(), 1e-4)
-  # the biases are read and used: without them the logits differ
-  unbiased = jax.tree_util.tree_map_with_path(
-      lambda p, x: np.zeros_like(x) if "bias" in jax.tree_util.keystr(p) else x, params)
-  assert np.abs(np.asarray(forward(unbiased, None, QWEN_TOKENS, cfg)[0]) - ref).max() > 1e-3
+  for i, drop in enumerate(ABLATIONS[family]):  # without the family's feature the logits differ
+    cfg2, params2 = drop(cfg, params)
+    other = np.asarray(forward(params2, None, TOKENS, cfg2)[0])
+    assert np.abs(other - ref).max() > 1e-3, (family, i)
 
 
-def test_qwen2_greedy_20_tokens_match_transformers_with_and_without_cache(qwen2):
-  hf, cfg, params = qwen2
-  assert_greedy_matches_hf(hf, params, cfg, QWEN_TOKENS[:1, :10], ({"use_cache": True}, {"use_cache": False}))
+def test_family_greedy_20_tokens_match_transformers_with_and_without_cache(family_model):
+  _, hf, cfg, params = family_model
+  assert_greedy_matches_hf(hf, params, cfg, TOKENS[:1, :10],
+                           ({"use_cache": True}, {"use_cache": True, "unstack": False}, {"use_cache": False}))
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+  """The tiny random Qwen2 (GQA, untied, non-zero q/k/v biases) of `ROWS`, and its load."""
+  return hf_family_model("qwen2", tmp_path_factory.mktemp("qwen2_row"))
 
 
 def test_qwen2_row_and_its_refusals(qwen2, tmp_path):
   """The row names every parameter of its model (the HF round trip, biases included); its GGUF files are
   refused by name."""
   _, cfg, params = qwen2
+  assert param_at(params, "q_bias").shape == (2, 64)
   d = tmp_path / "again"
   d.mkdir()
   save_file(checkpoint.hf_tensors(cfg, params), d / "model.safetensors")
