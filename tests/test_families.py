@@ -12,7 +12,7 @@ from mixie.errors import MixieError
 from mixie.model import checkpoint, families
 from mixie.model.llama import param_at, param_shapes
 from mixie.model.lora import PROJECTION_MODULE
-from hf_parity import assert_greedy_matches_hf
+from hf_parity import ROWS, assert_greedy_matches_hf, hf_family_model
 from run_utils import write_tiny_hf_llama
 
 
@@ -99,20 +99,6 @@ def test_hf_tensors_round_trip(good, tmp_path):
 
 # --- Each family's row against transformers: a tiny random model, saved by transformers, loaded by us ---
 
-_BASE = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=96, max_position_embeddings=128, rms_norm_eps=1e-6)
-# family -> (transformers class, its config class, config fields, parameters redrawn ~ N(0, std) so that
-# the family's feature matters). Windows (6) are shorter than the test sequences (24; 10 + 20 greedy).
-ROWS = {
-    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(tie_word_embeddings=False), {"_proj.bias": 0.5}),
-    "mistral": ("MistralForCausalLM", "MistralConfig", dict(sliding_window=6, tie_word_embeddings=False), {}),
-    "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(head_dim=24), {"norm.weight": 0.3}),
-    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config",
-               dict(num_hidden_layers=3, head_dim=24, sliding_window=6, query_pre_attn_scalar=20,
-                    attn_logit_softcapping=2.0, final_logit_softcapping=0.3),
-               {"norm.weight": 0.3, "q_proj.weight": 0.3, "k_proj.weight": 0.3}),
-}
-
 
 def _zero_biases(cfg, params):
   return cfg, jax.tree_util.tree_map_with_path(
@@ -134,26 +120,6 @@ ABLATIONS = {
 }
 
 
-def hf_family_model(family, path):
-  """A tiny random transformers model of `family` (eager attention, so HF applies windows and caps),
-  saved to `path`, and mixie's load of it: `(hf_model, cfg, params)`."""
-  import torch
-  import transformers
-
-  cls, conf, fields, redraw = ROWS[family]
-  torch.manual_seed(0)
-  hf = getattr(transformers, cls)(getattr(transformers, conf)(**{**_BASE, **fields},
-                                                               attn_implementation="eager")).eval()
-  with torch.no_grad():
-    for name, p in hf.named_parameters():
-      for suffix, std in redraw.items():
-        if name.endswith(suffix):
-          p.normal_(0.0, std)
-  hf.save_pretrained(path)
-  cfg, params = checkpoint.load_hf(path)
-  return hf, cfg, params
-
-
 @pytest.fixture(scope="module", params=list(ROWS))
 def family_model(request, tmp_path_factory):
   return (request.param,) + hf_family_model(request.param, tmp_path_factory.mktemp(request.param))
@@ -172,7 +138,7 @@ def test_family_logits_match_transformers(family_model):
     ref = hf(torch.as_tensor(TOKENS)).logits.float().numpy()
   ours = np.asarray(forward(params, None, TOKENS, cfg)[0])
   np.testing.assert_array_less(np.abs(ours - ref).max(), 1e-4)
-  for i, drop in enumerate(ABLATIONS[family]):  # without the family's feature the logits differ
+  for i, drop in enumerate(ABLATIONS.get(family, ())):  # without the family's feature the logits differ
     cfg2, params2 = drop(cfg, params)
     other = np.asarray(forward(params2, None, TOKENS, cfg2)[0])
     assert np.abs(other - ref).max() > 1e-3, (family, i)
