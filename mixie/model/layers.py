@@ -5,7 +5,11 @@
   Variable type that selects what trains, is checkpointed and exported (the base is `nnx.Param`).
 - `Linear`: a frozen projection `x @ kernel` (kernel `[in, out]`) plus an optional `LoRA`.
 - `Attention` (GQA, RoPE with Llama-3 scaling, `jax.nn.dot_product_attention`, KV cache with per-row
-  lengths), `MLP` (gated), `Block` (pre-norm decoder layer).
+  lengths, optional sliding window and score soft-capping), `MLP` (gated, SiLU or GELU-tanh), `Block`
+  (pre-norm decoder layer, optional post-norms).
+
+Family differences (`mixie.model.families`) are Python-level switches read from the static config when
+a module is built: a switch that is off adds nothing to the compiled graph.
 
 Every variable carries its logical axis names as `out_sharding` metadata (`mixie.sharding` maps them
 to mesh axes by the config's rules). A stack of experts is not a module of its own: the same modules
