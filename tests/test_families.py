@@ -174,3 +174,36 @@ def test_qwen2_row_and_its_refusals(qwen2, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(MixieError, match="GGUF architecture 'qwen2' is not supported"):
     families.for_gguf_architecture("qwen2", "x.gguf")
+
+
+def test_gemma2_experts_stacked_with_remat_equal_each_alone():
+  """Every Gemma 2 switch on (a mixed local/global stack scans its per-layer windows): the gradients of
+  3 experts `nnx.vmap`ped with remat "minimal" equal each expert's alone without remat (and with "full")."""
+  import jax.numpy as jnp
+
+  from mixie.model.llama import LlamaConfig, bind, forward, init_params, vmap_adapters
+  from mixie.model.lora import LoraConfig, init_experts
+  cfg = LlamaConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, head_dim=12,
+                    family="gemma2", sliding_window=4, local_layers=(True, False, True), query_scale=10.0,
+                    attn_softcap=2.0, final_softcap=5.0, tie_embeddings=True)
+  base = init_params(cfg, jax.random.PRNGKey(0))
+  lora = LoraConfig(rank=4, alpha=8.0)
+  experts = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(2), x.shape),
+                         init_experts(cfg, lora, jax.random.PRNGKey(1), 3))
+  tok = jax.random.randint(jax.random.PRNGKey(3), (3, 2, 12), 0, 97)
+
+  def alone(e, t, remat):
+    return forward(base, e, t, cfg, lora_scale=lora.scale, remat=remat)[0].std()
+
+  def stacked(e, t):
+    model = bind(cfg, base, e, lora_scale=lora.scale)
+    return vmap_adapters(lambda m, t: m.logits(m(t, remat="minimal")[0]).std(), in_axes=(0,))(model, t).sum()
+
+  got = jax.jit(jax.grad(stacked))(experts, tok)
+  for i in range(3):
+    one = jax.tree.map(lambda x: x[i], experts)
+    for remat in (False, True):
+      want = jax.grad(alone)(one, tok[i], remat)
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a[i]), np.asarray(b), atol=1e-6)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(got)) > 1e-2
