@@ -23,7 +23,7 @@ def assert_greedy_matches_hf(hf_model, params, cfg, prompt_1t, variants, max_new
     assert int(n[0]) == max_new, kw
 
 
-_BASE = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+BASE = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=96, max_position_embeddings=128, rms_norm_eps=1e-6)
 # family -> (transformers class, its config class, config fields, parameters redrawn ~ N(0, std) so that
 # the family's feature matters). Windows (6) are shorter than the test sequences (24; 10 + 20 greedy).
@@ -44,7 +44,7 @@ def hf_family_model(family, path):
   saved to `path`, and mixie's load of it: `(hf_model, cfg, params)`."""
   cls, conf, fields, redraw = ROWS[family]
   torch.manual_seed(0)
-  hf = getattr(transformers, cls)(getattr(transformers, conf)(**{**_BASE, **fields},
+  hf = getattr(transformers, cls)(getattr(transformers, conf)(**{**BASE, **fields},
                                                                attn_implementation="eager")).eval()
   with torch.no_grad():
     for name, p in hf.named_parameters():

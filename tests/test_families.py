@@ -12,7 +12,7 @@ from mixie.errors import MixieError
 from mixie.model import checkpoint, families
 from mixie.model.llama import param_at, param_shapes
 from mixie.model.lora import PROJECTION_MODULE
-from hf_parity import ROWS, assert_greedy_matches_hf, hf_family_model
+from hf_parity import BASE, ROWS, assert_greedy_matches_hf, hf_family_model
 from run_utils import write_tiny_hf_llama
 
 
@@ -207,3 +207,24 @@ def test_gemma2_experts_stacked_with_remat_equal_each_alone():
       for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a[i]), np.asarray(b), atol=1e-6)
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(got)) > 1e-2
+
+
+def test_gemma_embedding_scale_is_rounded_to_the_compute_dtype_as_in_transformers(tmp_path):
+  """In bf16, sqrt(48) rounds to 6.9375 before it multiplies the embeddings (HF casts it to the
+  activations' dtype): ours equals transformers' scaled embeddings bit for bit."""
+  import torch
+  import transformers
+
+  from mixie.model.llama import bind
+  torch.manual_seed(0)
+  hf = transformers.GemmaForCausalLM(transformers.GemmaConfig(**{
+      **BASE, "hidden_size": 48, "head_dim": 12})).to(torch.bfloat16).eval()
+  hf.save_pretrained(tmp_path)
+  cfg, params = checkpoint.load_hf(tmp_path, dtype="bfloat16", param_dtype="bfloat16")
+  with torch.no_grad():
+    want = hf.model.embed_tokens(torch.as_tensor(TOKENS)).float().numpy()
+  got = np.asarray(bind(cfg, params).embed(TOKENS).astype(np.float32))
+  np.testing.assert_array_equal(got, want)
+  # scaling by the exact sqrt(48), then rounding to bf16, differs: the test can fail
+  unrounded = (np.asarray(params["embed"]["embedding"].astype(np.float32))[TOKENS] * np.sqrt(48))
+  assert np.abs(np.asarray(jax.numpy.asarray(unrounded, "bfloat16").astype(np.float32)) - want).max() > 0
