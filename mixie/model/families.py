@@ -96,9 +96,10 @@ MISTRAL = dataclasses.replace(LLAMA, name="mistral", hf_architectures=("MistralF
 
 # Gemma: (1 + w) RMSNorm, GELU-tanh gated MLP, sqrt(d)-scaled (tied) embeddings, head_dim free of
 # d / n. HF safetensors only (llama.cpp's Gemma GGUF stores its norms as 1 + w: not read yet).
+# (transformers reads a Gemma config's hidden_act "gelu" as the tanh form: so does this row)
 GEMMA = dataclasses.replace(LLAMA, name="gemma", hf_architectures=("GemmaForCausalLM", "gemma"),
                             gguf_architecture="", gguf_tensors={}, norm_offset=1.0, activation="gelu_tanh",
-                            embed_scale=True, hf_activation_aliases=("gelu",))  # HF reads Gemma's "gelu" as tanh
+                            embed_scale=True, hf_activation_aliases=("gelu",))
 
 # Gemma 2: Gemma plus soft-capped attention scores and logits, alternating local (windowed) and global
 # layers, query_pre_attn_scalar, and norms after attention and MLP (the pre-MLP norm is renamed).

@@ -240,7 +240,6 @@ class Attention(nnx.Module):
     out_nd = checkpoint_name(self.o(a_nd, keys["o"], (b, t, N * H)), "o")
     return out_nd.reshape(b, t, -1), new_kv
 
-
   def _attend(self, q_btnh, k_bskh, v_bskh, positions_bt, window):
     """Causal attention, windowed when `window` is set: a query at position p sees keys in
     (p - window, p]. Without a cache (`positions_bt` None) keys are the queries' own positions;

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixie.model.config import GLOBAL, PRESETS, PROJECTIONS, LlamaConfig, count_params  # noqa: F401 (re-exported)
+from mixie.model.config import (GLOBAL, PRESETS, PROJECTIONS, LlamaConfig,  # noqa: F401 (re-exported)
+                                count_params)
 from mixie.model.layers import SAVED, Block, Embed, LayerInputs, Linear, LoraSpec, RMSNorm, rope_inv_freq
 from mixie.model.lora import PROJECTION_MODULE, LoraConfig, adapter_state, expert_shapes
 
