@@ -54,3 +54,28 @@ def hf_family_model(family, path):
   hf.save_pretrained(path)
   cfg, params = checkpoint.load_hf(path)
   return hf, cfg, params
+
+
+def write_gguf(hf_model, path, arch: str):
+  """`hf_model` as an f32 GGUF file of llama.cpp architecture `arch`, tensors named by gguf-py's own map
+  (llama.cpp's table), rows as in HF (no Q/K permutation: what llama.cpp writes for Qwen2)."""
+  import gguf
+
+  c = hf_model.config
+  w = gguf.GGUFWriter(str(path), arch)
+  w.add_context_length(c.max_position_embeddings)
+  w.add_embedding_length(c.hidden_size)
+  w.add_block_count(c.num_hidden_layers)
+  w.add_feed_forward_length(c.intermediate_size)
+  w.add_head_count(c.num_attention_heads)
+  w.add_head_count_kv(c.num_key_value_heads)
+  w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+  w.add_layer_norm_rms_eps(c.rms_norm_eps)
+  w.add_vocab_size(c.vocab_size)
+  names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
+  for name, t in hf_model.state_dict().items():
+    w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t.float().numpy())
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()

@@ -1,6 +1,7 @@
 """The architecture table: loaders read names from the family's row; a checkpoint field or tensor the
 row does not support fails with one message naming it; the base round-trips through HF names."""
 
+import dataclasses
 import json
 
 import jax
@@ -12,7 +13,7 @@ from mixie.errors import MixieError
 from mixie.model import checkpoint, families
 from mixie.model.llama import param_at, param_shapes
 from mixie.model.lora import PROJECTION_MODULE
-from hf_parity import BASE, ROWS, assert_greedy_matches_hf, hf_family_model
+from hf_parity import BASE, ROWS, assert_greedy_matches_hf, hf_family_model, write_gguf
 from run_utils import write_tiny_hf_llama
 
 
@@ -78,8 +79,9 @@ def test_unknown_family_and_gguf_architecture():
   from mixie.errors import ConfigError
   with pytest.raises(ConfigError, match="model family 'gpt2'"):
     families.get("gpt2")
-  with pytest.raises(MixieError, match="GGUF architecture 'gpt2'"):
-    families.for_gguf_architecture("gpt2", "x.gguf")
+  for arch in ("gpt2", "gemma", "gemma2"):
+    with pytest.raises(MixieError, match=f"GGUF architecture '{arch}' is not supported"):
+      families.for_gguf_architecture(arch, "x.gguf")
 
 
 def test_hf_tensors_round_trip(good, tmp_path):
@@ -156,9 +158,8 @@ def qwen2(tmp_path_factory):
   return hf_family_model("qwen2", tmp_path_factory.mktemp("qwen2_row"))
 
 
-def test_qwen2_row_and_its_refusals(qwen2, tmp_path):
-  """The row names every parameter of its model (the HF round trip, biases included); its GGUF files are
-  refused by name."""
+def test_qwen2_row_round_trips_through_its_hf_names(qwen2, tmp_path):
+  """The row names every parameter of its model (the HF round trip, biases included)."""
   _, cfg, params = qwen2
   assert param_at(params, "q_bias").shape == (2, 64)
   d = tmp_path / "again"
@@ -172,8 +173,27 @@ def test_qwen2_row_and_its_refusals(qwen2, tmp_path):
   assert cfg2 == cfg
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  with pytest.raises(MixieError, match="GGUF architecture 'qwen2' is not supported"):
-    families.for_gguf_architecture("qwen2", "x.gguf")
+
+
+def test_qwen2_gguf_loads_as_transformers_reads_it(qwen2, tmp_path, monkeypatch):
+  """A Qwen2 GGUF (llama.cpp's tensor names, Q/K rows unpermuted, biases): transformers' GGUF reader and
+  mixie's give the original model's logits; reading it with Llama's Q/K un-permutation would not."""
+  import torch
+  import transformers
+
+  from mixie.model.llama import forward
+  hf, _, _ = qwen2
+  write_gguf(hf, tmp_path / "q.gguf", "qwen2")
+  with torch.no_grad():
+    ref = hf(torch.as_tensor(TOKENS)).logits.float().numpy()
+    peer = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="q.gguf").eval()
+    np.testing.assert_allclose(peer(torch.as_tensor(TOKENS)).logits.float().numpy(), ref, atol=1e-5)
+  cfg, params = checkpoint.load_gguf(tmp_path / "q.gguf")
+  assert cfg.family == "qwen2" and not cfg.tie_embeddings
+  np.testing.assert_array_less(np.abs(np.asarray(forward(params, None, TOKENS, cfg)[0]) - ref).max(), 1e-4)
+  monkeypatch.setitem(families.FAMILIES, "qwen2", dataclasses.replace(families.QWEN2, gguf_qk_permuted=True))
+  cfg, params = checkpoint.load_gguf(tmp_path / "q.gguf")
+  assert np.abs(np.asarray(forward(params, None, TOKENS, cfg)[0]) - ref).max() > 1e-3
 
 
 def test_gemma2_experts_stacked_with_remat_equal_each_alone():

@@ -253,9 +253,10 @@ def _checked_gguf(path: pathlib.Path, reader=None, **overrides
   """A GGUF file's config, leaf specs and tensor source, validated from the headers."""
   reader = reader if reader is not None else open_gguf(path)
   cfg = gguf_config(reader, path, **overrides)
-  names = dict(families.get(cfg.family).gguf_tensors)
+  fam = families.get(cfg.family)
+  names = dict(fam.gguf_tensors)
   heads = {names[p].format(i=i): n for p, n in (("q", cfg.n_heads), ("k", cfg.n_kv_heads))
-           for i in range(cfg.n_layers)}
+           for i in range(cfg.n_layers)} if fam.gguf_qk_permuted else {}
   source = GGUFSource(reader, path, heads)
   specs = _leaf_specs(cfg, names)
   _validate(cfg, specs, source)

@@ -32,6 +32,7 @@ class Family:
   gguf_tensors: Mapping[str, str]  # parameter key -> GGUF tensor name
   peft_modules: Mapping[str, str]  # projection -> module path under "model.layers.{i}."
   hf_ignored: tuple[str, ...] = ()  # suffixes of HF tensors that carry nothing the model needs
+  gguf_qk_permuted: bool = True  # llama.cpp's converter permuted Q/K rows for RoPE (its Llama converter)
   norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + w): 1.0 for Gemma
   activation: str = "silu"  # gated MLP activation: "silu" or "gelu_tanh"
   qkv_bias: bool = False  # q/k/v projections have biases (Qwen2)
@@ -76,14 +77,15 @@ LLAMA = Family(
     hf_ignored=(".rotary_emb.inv_freq",),
 )
 
-# Qwen2 / Qwen2.5: Llama plus q/k/v biases (HF safetensors only: its GGUF files are not read yet).
+# Qwen2 / Qwen2.5: Llama plus q/k/v biases. llama.cpp writes its GGUF as "qwen2", Q/K rows in HF's order.
 QWEN2 = Family(
     name="qwen2",
     hf_architectures=("Qwen2ForCausalLM", "qwen2"),
-    gguf_architecture="",
+    gguf_architecture="qwen2",
     hf_tensors={**LLAMA.hf_tensors, **{f"{p}_bias": f"model.layers.{{i}}.self_attn.{p}_proj.bias"
                                        for p in ("q", "k", "v")}},
-    gguf_tensors={},
+    gguf_tensors={**LLAMA.gguf_tensors, **{f"{p}_bias": f"blk.{{i}}.attn_{p}.bias" for p in ("q", "k", "v")}},
+    gguf_qk_permuted=False,
     peft_modules=LLAMA.peft_modules,
     hf_ignored=LLAMA.hf_ignored,
     qkv_bias=True,
@@ -102,7 +104,8 @@ GEMMA = dataclasses.replace(LLAMA, name="gemma", hf_architectures=("GemmaForCaus
                             embed_scale=True, hf_activation_aliases=("gelu",))
 
 # Gemma 2: Gemma plus soft-capped attention scores and logits, alternating local (windowed) and global
-# layers, query_pre_attn_scalar, and norms after attention and MLP (the pre-MLP norm is renamed).
+# layers, query_pre_attn_scalar, and norms after attention and MLP (the pre-MLP norm is renamed). HF
+# safetensors only (llama.cpp's GGUF has Gemma's 1 + w norms and no query_pre_attn_scalar).
 GEMMA2 = dataclasses.replace(
     GEMMA, name="gemma2", hf_architectures=("Gemma2ForCausalLM", "gemma2"), hf_activation_aliases=(),
     hf_tensors={**LLAMA.hf_tensors,
