@@ -164,25 +164,22 @@ def test_peft_tensors_round_trip_bit_exact(tmp_path):
     from_peft_tensors(t)
 
 
-def test_exported_expert_in_peft_gives_the_same_logits(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+def test_exported_expert_in_peft_gives_the_same_logits(tmp_path, family):
+  """An expert exported to PEFT and applied by peft on the transformers model of each family's base
+  (Qwen2: q/k/v biases; Gemma: (1 + w) norms, GELU-tanh, scaled tied embeddings, head_dim != d / n)
+  gives mixie's logits."""
   torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
   peft = pytest.importorskip("peft")
-  from mixie.model.checkpoint import load_hf
+  from hf_parity import hf_family_model
 
-  hf_cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
-                                    rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=128)
-  torch.manual_seed(0)
-  hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-  hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
-  cfg, base = load_hf(tmp_path / "hf")
+  hf, cfg, base = hf_family_model(family, tmp_path / "hf")
   lora = LoraConfig(rank=4, alpha=8.0)
   expert = _expert(lora, cfg=cfg)
   write_adapter(tmp_path / "adapter", expert, lora)
   assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4
   model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
-  tokens = np.random.default_rng(0).integers(0, 97, (2, 16))
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16))
   with torch.no_grad():
     want = model(torch.as_tensor(tokens)).logits.numpy()
   got = np.asarray(forward(base, expert, tokens, cfg, lora_scale=lora.scale)[0])

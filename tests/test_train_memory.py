@@ -1,11 +1,13 @@
 """Memory from shapes and shardings: 5000 rank-16 TinyLlama experts, and one wave on a v5e-256."""
 
 import jax
+import pytest
 
+from mixie.errors import ConfigError
 from mixie.model.config import projection_dims
 from mixie.model.llama import PRESETS, count_params, param_shapes
 from mixie.model.lora import LoraConfig
-from mixie.train.memory import expert_param_count, moin5k_report, wave_memory
+from mixie.train.memory import expert_param_count, layer_saved_bytes, moin5k_report, wave_memory
 
 V5E_HBM = 16 * 2**30
 
@@ -49,3 +51,21 @@ def test_sharding_rules_change_the_per_device_share():
                       mesh_shape={"expert": 64, "data": 1, "model": 4}, rules=rules)
   assert two["expert_params"] == 2 * one["expert_params"]  # two slots per chip
   assert model["base"] < one["base"] / 2  # the base's matrices split over the model axis
+
+
+def test_activation_estimate_follows_the_three_remat_modes():
+  """Remat "full" keeps each layer's input, "minimal" also the `SAVED` projections' outputs, "none" every
+  intermediate; the estimate orders them so, and "minimal" counts what `SAVED` names, by hand."""
+  cfg = PRESETS["tinyllama_1b"].replace(param_dtype="bfloat16", dtype="bfloat16")
+  lora = LoraConfig(rank=16, alpha=32.0)
+  kw = dict(slots=256, batch_per_slot=8, seq_len=2048, mesh_shape={"expert": 256, "data": 1, "model": 1},
+            rules=(("expert", "expert"),))
+  act = {m: wave_memory(cfg, lora, remat=m, **kw)["activations_estimate"] for m in ("full", "minimal", "none")}
+  assert act["full"] < act["minimal"] < act["none"]
+  tok, D, F = 8 * 2048, cfg.d_model, cfg.d_ff
+  NH, KH = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+  by_hand = tok * 2 * (D + NH + KH + KH + NH + D + F + F)  # input, q, k, v, attn_out, o, gate, up in bf16
+  assert layer_saved_bytes(cfg, "minimal", tok) == by_hand
+  assert act["minimal"] - act["full"] == cfg.n_layers * (by_hand - tok * 2 * D)
+  with pytest.raises(ConfigError, match="remat='some'"):
+    layer_saved_bytes(cfg, "some", tok)

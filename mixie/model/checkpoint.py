@@ -39,7 +39,8 @@ from mixie.model.tensor_sources import (GGUFSource, PathLike, SafetensorsFile,  
 
 _SINGLE = ("embed", "final_norm", "lm_head")  # one tensor each; the other keys have one per layer
 # not `[out, in]` matrices: stored as in the file
-_KEEP_ORIENTATION = ("embed", "final_norm", "attn_norm", "mlp_norm", "q_bias", "k_bias", "v_bias")
+_KEEP_ORIENTATION = ("embed", "final_norm", "attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm",
+                     "q_bias", "k_bias", "v_bias")
 
 # ---------------------------------------------------------------------------------------------------
 # Architectures.
@@ -61,13 +62,19 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json", **overrides) 
     raise MixieError(f"{where}: unsupported rope_scaling {scaling!r} (supported: none, llama3)")
   theta = hf.get("rope_theta") or (scaling or {}).get("rope_theta") or 10000.0
   n_heads = hf["num_attention_heads"]
+  switches = families.hf_windows(fam, hf, where)
+  if fam.soft_capping:
+    switches.update(attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
+                    final_softcap=float(hf.get("final_logit_softcapping") or 0.0))
+  if fam.query_scale and hf.get("query_pre_attn_scalar") is not None:
+    switches["query_scale"] = float(hf["query_pre_attn_scalar"])
   return LlamaConfig(
       vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
       n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
       d_ff=hf["intermediate_size"], head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
       rope_theta=float(theta), rope_scaling=rope_scaling, rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      max_seq_len=int(hf.get("max_position_embeddings", 2048)), family=fam.name, **overrides)
+      max_seq_len=int(hf.get("max_position_embeddings", 2048)), family=fam.name, **switches, **overrides)
 
 
 def hf_config(directory: PathLike, **overrides) -> LlamaConfig:
@@ -246,9 +253,10 @@ def _checked_gguf(path: pathlib.Path, reader=None, **overrides
   """A GGUF file's config, leaf specs and tensor source, validated from the headers."""
   reader = reader if reader is not None else open_gguf(path)
   cfg = gguf_config(reader, path, **overrides)
-  names = dict(families.get(cfg.family).gguf_tensors)
+  fam = families.get(cfg.family)
+  names = dict(fam.gguf_tensors)
   heads = {names[p].format(i=i): n for p, n in (("q", cfg.n_heads), ("k", cfg.n_kv_heads))
-           for i in range(cfg.n_layers)}
+           for i in range(cfg.n_layers)} if fam.gguf_qk_permuted else {}
   source = GGUFSource(reader, path, heads)
   specs = _leaf_specs(cfg, names)
   _validate(cfg, specs, source)
@@ -319,6 +327,8 @@ def hf_tensors(cfg: LlamaConfig, params: Params) -> dict[str, np.ndarray]:
 
 _FINGERPRINT_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "head_dim",
                        "rope_theta", "rope_scaling", "rms_eps", "tie_embeddings")
+# hashed only when a family sets them (so a Llama base hashes as before)
+_FINGERPRINT_SWITCHES = ("sliding_window", "local_layers", "query_scale", "attn_softcap", "final_softcap")
 
 
 def fingerprint(cfg: LlamaConfig, params: Params) -> str:
@@ -332,6 +342,7 @@ def fingerprint(cfg: LlamaConfig, params: Params) -> str:
   arch = {f: getattr(cfg, f) for f in _FINGERPRINT_FIELDS}
   if cfg.family != "llama":
     arch["family"] = cfg.family
+  arch.update({f: getattr(cfg, f) for f in _FINGERPRINT_SWITCHES if getattr(cfg, f)})
   h.update(json.dumps(arch, sort_keys=True, default=list).encode())
   p = lambda key: param_at(params, key)  # noqa: E731
   probes = [p("embed")[:8, :16], p("embed")[-8:, -16:], p("final_norm")[:16],

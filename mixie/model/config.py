@@ -15,6 +15,8 @@ import jax.numpy as jnp
 
 # The seven projections of a decoder layer an expert may target (in this order everywhere).
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+# The window of a global layer in a stack of local and global layers (longer than any sequence).
+GLOBAL = 2 ** 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +40,28 @@ class LlamaConfig:
   param_dtype: str = "float32"  # storage dtype of the base parameters
   attention_impl: str | None = None  # None lets JAX pick (cuDNN on GPU); "xla" or "cudnn" to force
   family: str = "llama"  # a row of mixie.model.families.FAMILIES
+  # Switch values of the families that have them (the defaults are plain Llama attention):
+  sliding_window: int = 0  # a local layer's query at position p sees keys in (p - w, p]; 0: no window
+  local_layers: tuple[bool, ...] = ()  # which layers are local (use `sliding_window`); (): all of them
+  query_scale: float = 0.0  # attention scores scaled by query_scale ** -0.5 (Gemma 2); 0: head_dim
+  attn_softcap: float = 0.0  # attention scores s -> c * tanh(s / c) (Gemma 2); 0: none
+  final_softcap: float = 0.0  # final logits z -> c * tanh(z / c) (Gemma 2); 0: none
 
   def __post_init__(self):
     if self.head_dim == 0:
       object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+    if self.local_layers and len(self.local_layers) != self.n_layers:
+      raise ValueError(f"local_layers has {len(self.local_layers)} entries for n_layers={self.n_layers}")
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+  def layer_windows(self) -> tuple[int, ...] | None:
+    """Each layer's attention window (`GLOBAL` for a global layer of a mixed stack), or None when no
+    layer has one."""
+    if not self.sliding_window:
+      return None
+    local = self.local_layers or (True,) * self.n_layers
+    return tuple(self.sliding_window if is_local else GLOBAL for is_local in local)
 
   @property
   def compute_dtype(self):

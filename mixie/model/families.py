@@ -32,23 +32,29 @@ class Family:
   gguf_tensors: Mapping[str, str]  # parameter key -> GGUF tensor name
   peft_modules: Mapping[str, str]  # projection -> module path under "model.layers.{i}."
   hf_ignored: tuple[str, ...] = ()  # suffixes of HF tensors that carry nothing the model needs
+  gguf_qk_permuted: bool = True  # llama.cpp's converter permuted Q/K rows for RoPE (its Llama converter)
   norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + w): 1.0 for Gemma
   activation: str = "silu"  # gated MLP activation: "silu" or "gelu_tanh"
   qkv_bias: bool = False  # q/k/v projections have biases (Qwen2)
   embed_scale: bool = False  # embeddings are multiplied by sqrt(d_model) (Gemma)
   sliding_window: bool = False  # attention may be restricted to a window (Mistral, Gemma 2)
+  alternating_window: bool = False  # without config "layer_types": layers 0, 2, ... local, the rest global
   soft_capping: bool = False  # attention and final logits are soft-capped (Gemma 2)
+  query_scale: bool = False  # scores scaled by query_pre_attn_scalar ** -0.5, not head_dim's (Gemma 2)
   post_norms: bool = False  # extra norms after attention and MLP (Gemma 2)
+  hf_activation_aliases: tuple[str, ...] = ()  # more HF activation names read as `activation`
 
 
 # Switches the model implements today (`Family` field -> the values it supports).
-IMPLEMENTED = {"norm_offset": (0.0,), "activation": ("silu",), "qkv_bias": (False, True),
-               "embed_scale": (False,), "sliding_window": (False,), "soft_capping": (False,),
-               "post_norms": (False,)}
+IMPLEMENTED = {"norm_offset": (0.0, 1.0), "activation": ("silu", "gelu_tanh"), "qkv_bias": (False, True),
+               "embed_scale": (False, True), "sliding_window": (False, True),
+               "alternating_window": (False, True), "soft_capping": (False, True),
+               "query_scale": (False, True), "post_norms": (False, True)}
 
 LLAMA = Family(
     name="llama",
-    hf_architectures=("LlamaForCausalLM", "llama", "MistralForCausalLM", "mistral"),
+    hf_architectures=("LlamaForCausalLM", "llama"),
+    # llama.cpp also writes Mistral (and its window-free GGUF metadata) as "llama": read by this row
     gguf_architecture="llama",
     hf_tensors={
         "embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight",
@@ -71,20 +77,44 @@ LLAMA = Family(
     hf_ignored=(".rotary_emb.inv_freq",),
 )
 
-# Qwen2 / Qwen2.5: Llama plus q/k/v biases (HF safetensors only: its GGUF files are not read yet).
+# Qwen2 / Qwen2.5: Llama plus q/k/v biases. llama.cpp writes its GGUF as "qwen2", Q/K rows in HF's order.
 QWEN2 = Family(
     name="qwen2",
     hf_architectures=("Qwen2ForCausalLM", "qwen2"),
-    gguf_architecture="",
+    gguf_architecture="qwen2",
     hf_tensors={**LLAMA.hf_tensors, **{f"{p}_bias": f"model.layers.{{i}}.self_attn.{p}_proj.bias"
                                        for p in ("q", "k", "v")}},
-    gguf_tensors={},
+    gguf_tensors={**LLAMA.gguf_tensors, **{f"{p}_bias": f"blk.{{i}}.attn_{p}.bias" for p in ("q", "k", "v")}},
+    gguf_qk_permuted=False,
     peft_modules=LLAMA.peft_modules,
     hf_ignored=LLAMA.hf_ignored,
     qkv_bias=True,
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, QWEN2)}
+# Mistral: Llama plus sliding-window attention in every layer. Its GGUF files are read by the llama row
+# (llama.cpp writes them as architecture "llama", without the window).
+MISTRAL = dataclasses.replace(LLAMA, name="mistral", hf_architectures=("MistralForCausalLM", "mistral"),
+                              gguf_architecture="", gguf_tensors={}, sliding_window=True)
+
+# Gemma: (1 + w) RMSNorm, GELU-tanh gated MLP, sqrt(d)-scaled (tied) embeddings, head_dim free of
+# d / n. HF safetensors only (llama.cpp's Gemma GGUF stores its norms as 1 + w: not read yet).
+# (transformers reads a Gemma config's hidden_act "gelu" as the tanh form: so does this row)
+GEMMA = dataclasses.replace(LLAMA, name="gemma", hf_architectures=("GemmaForCausalLM", "gemma"),
+                            gguf_architecture="", gguf_tensors={}, norm_offset=1.0, activation="gelu_tanh",
+                            embed_scale=True, hf_activation_aliases=("gelu",))
+
+# Gemma 2: Gemma plus soft-capped attention scores and logits, alternating local (windowed) and global
+# layers, query_pre_attn_scalar, and norms after attention and MLP (the pre-MLP norm is renamed). HF
+# safetensors only (llama.cpp's GGUF has Gemma's 1 + w norms and no query_pre_attn_scalar).
+GEMMA2 = dataclasses.replace(
+    GEMMA, name="gemma2", hf_architectures=("Gemma2ForCausalLM", "gemma2"), hf_activation_aliases=(),
+    hf_tensors={**LLAMA.hf_tensors,
+                "mlp_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
+                "post_attn_norm": "model.layers.{i}.post_attention_layernorm.weight",
+                "post_mlp_norm": "model.layers.{i}.post_feedforward_layernorm.weight"},
+    sliding_window=True, alternating_window=True, soft_capping=True, query_scale=True, post_norms=True)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, QWEN2, MISTRAL, GEMMA, GEMMA2)}
 
 
 def get(name: str) -> Family:
@@ -132,6 +162,8 @@ _HF_FIELDS = (
     ("sliding_window", _window_active, "sliding_window"),
     ("attn_logit_softcapping", lambda v, hf: v is not None, "soft_capping"),
     ("final_logit_softcapping", lambda v, hf: v is not None, "soft_capping"),
+    ("query_pre_attn_scalar", lambda v, hf: v is not None, "query_scale"),
+    ("use_bidirectional_attention", lambda v, hf: bool(v), None),
 )
 
 
@@ -142,6 +174,31 @@ def check_hf_fields(fam: Family, hf: Mapping[str, Any], where: str) -> None:
       raise MixieError(f"{where}: {field}={hf[field]!r} is not supported for the {fam.name} family")
   for field in ("hidden_act", "hidden_activation"):
     act = hf.get(field)
+    if act in fam.hf_activation_aliases:
+      continue
     if act is not None and {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}.get(act) != fam.activation:
       raise MixieError(f"{where}: {field}={act!r} is not supported for the {fam.name} family "
                        f"(it uses {fam.activation})")
+
+
+def hf_windows(fam: Family, hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+  """`LlamaConfig` fields of an HF config's attention window: `sliding_window` (0: none) and
+  `local_layers` (from "layer_types", or the row's alternating default); `MixieError` naming a layer
+  type mixie lacks."""
+  n = int(hf["num_hidden_layers"])
+  types = hf.get("layer_types")
+  if types is not None:
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown or len(types) != n:
+      raise MixieError(f"{where}: layer_types={types!r} is not supported for the {fam.name} family "
+                       f"(mixie reads {n} of 'sliding_attention' / 'full_attention')")
+  if types is not None:
+    local = tuple(t == "sliding_attention" for t in types)
+  elif fam.alternating_window:
+    local = tuple(i % 2 == 0 for i in range(n))
+  else:
+    local = (True,) * n
+  # (an active window on a row without the switch was refused by `check_hf_fields`)
+  if not fam.sliding_window or not _window_active(hf.get("sliding_window"), hf) or not any(local):
+    return {"sliding_window": 0, "local_layers": ()}
+  return {"sliding_window": int(hf["sliding_window"]), "local_layers": () if all(local) else local}

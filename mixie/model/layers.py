@@ -5,7 +5,11 @@
   Variable type that selects what trains, is checkpointed and exported (the base is `nnx.Param`).
 - `Linear`: a frozen projection `x @ kernel` (kernel `[in, out]`) plus an optional `LoRA`.
 - `Attention` (GQA, RoPE with Llama-3 scaling, `jax.nn.dot_product_attention`, KV cache with per-row
-  lengths), `MLP` (gated), `Block` (pre-norm decoder layer).
+  lengths, optional sliding window and score soft-capping), `MLP` (gated, SiLU or GELU-tanh), `Block`
+  (pre-norm decoder layer, optional post-norms).
+
+Family differences (`mixie.model.families`) are Python-level switches read from the static config when
+a module is built: a switch that is off adds nothing to the compiled graph.
 
 Every variable carries its logical axis names as `out_sharding` metadata (`mixie.sharding` maps them
 to mesh axes by the config's rules). A stack of experts is not a module of its own: the same modules
@@ -63,9 +67,12 @@ class Embed(nnx.Module):
     w = 0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model))
     self.embedding = param(w.astype(cfg.param_dtype), ("vocab", "embed"))
     self.dtype = cfg.compute_dtype
+    self.multiplier = math.sqrt(cfg.d_model) if families.get(cfg.family).embed_scale else None
 
   def __call__(self, tokens):
-    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+    x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+    # sqrt(d) rounded to the activations' dtype first, as HF does (in bf16 it is not exact)
+    return x if self.multiplier is None else x * jnp.asarray(self.multiplier, self.dtype)
 
   def attend(self, h_xd):
     """Logits `[..., v]` of hidden states: contracted against `[v, d]` (no transposed copy)."""
@@ -164,11 +171,28 @@ def apply_rope(x_btnh, positions_bt, inv_freq):
 
 class LayerInputs(NamedTuple):
   """What every layer of one call shares: positions `[b, t]`, RoPE inverse frequencies, each row's
-  cache start `[b]` (None without a cache)."""
+  cache start `[b]` (None without a cache); and the layer's attention window (None: none; an int:
+  the same static window in every layer; a scalar array: this layer's, scanned over the layers)."""
 
   positions_bt: jax.Array
   inv_freq: jax.Array
   start_b: jax.Array | None
+  window: int | jax.Array | None = None
+
+
+def softcapped_attention(q_btnh, k_bskh, v_bskh, mask_bts, scale, cap):
+  """Attention with soft-capped scores `cap * tanh(s / cap)` (Gemma 2), computed explicitly (f32
+  scores and softmax): `jax.nn.dot_product_attention` has no soft-capping argument, so only families
+  with `attn_softcap` take this path. Query head n reads kv head n // (N / K), as in GQA."""
+  b, t, N, H = q_btnh.shape
+  K = k_bskh.shape[2]
+  q_btkgh = q_btnh.reshape(b, t, K, N // K, H)
+  s_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32)
+  s_bkgts = cap * jnp.tanh(s_bkgts * (H ** -0.5 if scale is None else scale) / cap)
+  s_bkgts = jnp.where(mask_bts[:, None, None], s_bkgts, jnp.finfo(jnp.float32).min)
+  p_bkgts = jax.nn.softmax(s_bkgts, axis=-1).astype(v_bskh.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", p_bkgts, v_bskh, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, N, H).astype(q_btnh.dtype)
 
 
 def _write_rows(cache_bskh, new_btkh, start_b):
@@ -189,6 +213,8 @@ class Attention(nnx.Module):
     self.o = Linear(NH, D, ("heads", "embed"), cfg, lora=adapters.get("o"), rngs=rngs)
     self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     self.impl = cfg.attention_impl
+    self.scale = cfg.query_scale ** -0.5 if cfg.query_scale else None  # None: head_dim ** -0.5
+    self.softcap = cfg.attn_softcap or None
 
   def __call__(self, h_btd, ctx: LayerInputs, cache_l, keys):
     """Returns the attention output `[b, t, d]` (after `o`) and this call's keys/values `{k, v}`
@@ -202,19 +228,34 @@ class Attention(nnx.Module):
     q_btnh = apply_rope(q_btnh, ctx.positions_bt, ctx.inv_freq)
     k_btkh = apply_rope(k_btkh, ctx.positions_bt, ctx.inv_freq)
     if cache_l is None:
-      attn_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, is_causal=True,
-                                               implementation=self.impl)
+      attn_btnh = self._attend(q_btnh, k_btkh, v_btkh, None, ctx.window)
       new_kv = None
     else:
       k_bskh = _write_rows(cache_l["k"], k_btkh, ctx.start_b)
       v_bskh = _write_rows(cache_l["v"], v_btkh, ctx.start_b)
-      mask_bts = jnp.arange(k_bskh.shape[1])[None, None, :] <= ctx.positions_bt[:, :, None]
-      attn_btnh = jax.nn.dot_product_attention(q_btnh, k_bskh.astype(q_btnh.dtype),
-                                               v_bskh.astype(q_btnh.dtype), mask=mask_bts[:, None])
+      attn_btnh = self._attend(q_btnh, k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype),
+                               ctx.positions_bt, ctx.window)
       new_kv = {"k": k_btkh, "v": v_btkh}
     a_nd = checkpoint_name(attn_btnh.reshape(b * t, N * H), "attn_out")
     out_nd = checkpoint_name(self.o(a_nd, keys["o"], (b, t, N * H)), "o")
     return out_nd.reshape(b, t, -1), new_kv
+
+  def _attend(self, q_btnh, k_bskh, v_bskh, positions_bt, window):
+    """Causal attention, windowed when `window` is set: a query at position p sees keys in
+    (p - window, p]. Without a cache (`positions_bt` None) keys are the queries' own positions;
+    with one, key j of the cache sits at position j and queries at `positions_bt`."""
+    if positions_bt is None and not isinstance(window, jax.Array) and self.softcap is None:
+      return jax.nn.dot_product_attention(
+          q_btnh, k_bskh, v_bskh, scale=self.scale, is_causal=True, implementation=self.impl,
+          local_window_size=None if window is None else (window - 1, 0))
+    q_pos_bt = jnp.arange(q_btnh.shape[1])[None] if positions_bt is None else positions_bt
+    k_pos_11s = jnp.arange(k_bskh.shape[1])[None, None, :]
+    mask_bts = k_pos_11s <= q_pos_bt[:, :, None]
+    if window is not None:
+      mask_bts = mask_bts & (k_pos_11s > q_pos_bt[:, :, None] - window)
+    if self.softcap is not None:
+      return softcapped_attention(q_btnh, k_bskh, v_bskh, mask_bts, self.scale, self.softcap)
+    return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None], scale=self.scale)
 
 
 class MLP(nnx.Module):
@@ -238,13 +279,17 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  """One pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+  """One pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`; with the family's
+  `post_norms` (Gemma 2) each branch's output is normed too: `x + post_norm(attn(norm(x)))`."""
 
   def __init__(self, cfg: LlamaConfig, adapters: dict, *, rngs: nnx.Rngs):
+    post = families.get(cfg.family).post_norms
     self.attn_norm = RMSNorm(cfg.d_model, cfg)
     self.attn = Attention(cfg, adapters, rngs=rngs)
+    self.post_attn_norm = RMSNorm(cfg.d_model, cfg) if post else None
     self.mlp_norm = RMSNorm(cfg.d_model, cfg)
     self.mlp = MLP(cfg, adapters, rngs=rngs)
+    self.post_mlp_norm = RMSNorm(cfg.d_model, cfg) if post else None
 
   def __call__(self, x_btd, ctx: LayerInputs, cache_l=None, dropout_key=None):
     """`(x_btd, new_kv)`; `dropout_key`: this layer's LoRA-dropout key (None: no dropout)."""
@@ -253,6 +298,10 @@ class Block(nnx.Module):
                else [None] * len(names))
     keys = dict(zip(names, subkeys))
     a_btd, new_kv = self.attn(self.attn_norm(x_btd), ctx, cache_l, keys)
+    if self.post_attn_norm is not None:
+      a_btd = self.post_attn_norm(a_btd)
     x_btd = x_btd + a_btd
-    x_btd = x_btd + self.mlp(self.mlp_norm(x_btd), keys)
-    return x_btd, new_kv
+    m_btd = self.mlp(self.mlp_norm(x_btd), keys)
+    if self.post_mlp_norm is not None:
+      m_btd = self.post_mlp_norm(m_btd)
+    return x_btd + m_btd, new_kv

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixie.model.config import PRESETS, PROJECTIONS, LlamaConfig, count_params  # noqa: F401 (re-exported)
+from mixie.model.config import (GLOBAL, PRESETS, PROJECTIONS, LlamaConfig,  # noqa: F401 (re-exported)
+                                count_params)
 from mixie.model.layers import SAVED, Block, Embed, LayerInputs, Linear, LoraSpec, RMSNorm, rope_inv_freq
 from mixie.model.lora import PROJECTION_MODULE, LoraConfig, adapter_state, expert_shapes
 
@@ -41,6 +42,8 @@ FROZEN = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 PARAM_PATHS = {
     "embed": ("embed", "embedding"), "final_norm": ("final_norm", "scale"), "lm_head": ("lm_head", "kernel"),
     "attn_norm": ("layers", "attn_norm", "scale"), "mlp_norm": ("layers", "mlp_norm", "scale"),
+    "post_attn_norm": ("layers", "post_attn_norm", "scale"),  # families with post_norms
+    "post_mlp_norm": ("layers", "post_mlp_norm", "scale"),
     **{p: ("layers",) + m + ("kernel",) for p, m in PROJECTION_MODULE.items()},
     **{f"{p}_bias": ("layers", "attn", p, "bias") for p in ("q", "k", "v")},  # families with qkv_bias
 }
@@ -110,34 +113,48 @@ class Llama(nnx.Module):
                    "length": start_b + t}
 
   def _layers(self, x_btd, ctx, kv_l, keys_l, remat):
-    """Runs every layer: one `lax.scan` over the stacked block, or a loop over unstacked blocks."""
+    """Runs every layer: one `lax.scan` over the stacked block, or a loop over unstacked blocks.
+
+    Attention windows (`cfg.layer_windows`): one window in every layer is a static int in `ctx`; a
+    mix of local and global layers is a per-layer int array scanned with the layers (a static int
+    or None per unstacked block). Without windows nothing is added to the graph."""
     pick = lambda tree, i: None if tree is None else jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+    windows = self.cfg.layer_windows()
+    mixed = windows is not None and len(set(windows)) > 1
+    if windows is not None and not mixed:
+      ctx = ctx._replace(window=windows[0])
     if isinstance(self.layers, nnx.List):
       entries = []
       for i, block in enumerate(self.layers):
-        x_btd, kv = block(x_btd, ctx, pick(kv_l, i), pick(keys_l, i))
+        ctx_i = ctx._replace(window=None if windows[i] == GLOBAL else windows[i]) if mixed else ctx
+        x_btd, kv = block(x_btd, ctx_i, pick(kv_l, i), pick(keys_l, i))
         entries.append(kv)
       return x_btd, None if kv_l is None else jax.tree.map(lambda *xs: jnp.stack(xs), *entries)
     gdef, state = nnx.split(self.layers)
+    window_l = jnp.asarray(windows, jnp.int32) if mixed else None
 
     def body(x_btd, xs):
-      st, cache_l, key_l = xs
-      return nnx.merge(gdef, st)(x_btd, ctx, cache_l, key_l)
+      st, cache_l, key_l, w = xs
+      return nnx.merge(gdef, st)(x_btd, ctx if w is None else ctx._replace(window=w), cache_l, key_l)
 
     if remat == "full":
       body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
     elif remat == "minimal":
       body = jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(*SAVED),
                             prevent_cse=False)
-    return jax.lax.scan(body, x_btd, (state, kv_l, keys_l))
+    return jax.lax.scan(body, x_btd, (state, kv_l, keys_l, window_l))
 
   def logits(self, h_xd):
-    """f32 logits `[..., v]` of final-norm hidden states: the tied embedding or `lm_head`."""
+    """f32 logits `[..., v]` of final-norm hidden states: the tied embedding or `lm_head`, then
+    `cap * tanh(z / cap)` when the config soft-caps them (`final_softcap`)."""
     if self.lm_head is None:
-      return self.embed.attend(h_xd)
-    h_xd = h_xd.astype(self.cfg.compute_dtype)
-    return jnp.einsum("...d,dv->...v", h_xd, self.lm_head.kernel[...].astype(h_xd.dtype),
-                      preferred_element_type=jnp.float32)
+      z = self.embed.attend(h_xd)
+    else:
+      h_xd = h_xd.astype(self.cfg.compute_dtype)
+      z = jnp.einsum("...d,dv->...v", h_xd, self.lm_head.kernel[...].astype(h_xd.dtype),
+                     preferred_element_type=jnp.float32)
+    cap = self.cfg.final_softcap
+    return cap * jnp.tanh(z / cap) if cap else z
 
   def unstacked(self, adapter_layer_axis: int = 0) -> "Llama":
     """The same model with `layers` as a list of per-layer blocks (a Python loop instead of a scan).

@@ -20,6 +20,7 @@ from jax.sharding import AbstractMesh
 
 from configs import tinyllama_moin5k
 from mixie import sharding as shd
+from mixie.errors import ConfigError
 from mixie.model.llama import PRESETS, LlamaConfig, count_params, init_params, param_axes
 from mixie.model.lora import LoraConfig, init_experts
 from mixie.train import optim
@@ -47,15 +48,15 @@ def _device_bytes(abstract, axes, mesh, rules) -> int:
 
 
 def wave_memory(cfg: LlamaConfig, lora: LoraConfig, *, slots: int, batch_per_slot: int, seq_len: int,
-                mesh_shape: dict[str, int], rules, remat: bool = True) -> dict[str, Any]:
+                mesh_shape: dict[str, int], rules, remat: str = "full") -> dict[str, Any]:
   """Bytes per device of one training wave of `slots` experts on a mesh of `mesh_shape` (axis -> size).
 
-  State terms come from the real train state's shapes and shardings. Activations are an estimate:
-  with `remat` the residual stream saved at each layer boundary, one layer recomputed in the backward
-  pass, and the f32 logits with their gradient; without remat every layer's intermediates.
+  State terms come from the real train state's shapes and shardings. Activations are an estimate of
+  what each layer keeps for the backward pass under `remat` (`TrainSpec.remat`, see `layer_saved_bytes`),
+  plus one layer's intermediates being recomputed/differentiated and the f32 logits with their gradient.
   """
   mesh = AbstractMesh(tuple(mesh_shape.values()), tuple(mesh_shape.keys()))
-  spec = TrainSpec(cfg=cfg, lora=lora, opt=optim.OptConfig(), slots=slots)
+  spec = TrainSpec(cfg=cfg, lora=lora, opt=optim.OptConfig(), slots=slots, remat=remat)
   base_abs = jax.eval_shape(lambda k: _init_base(cfg, k), jax.random.PRNGKey(0))
   st = abstract_state(spec, base_abs)
   axes = state_axes(spec, st)
@@ -67,16 +68,28 @@ def wave_memory(cfg: LlamaConfig, lora: LoraConfig, *, slots: int, batch_per_slo
   }
   e_dev = slots / mesh_shape.get("expert", 1)
   rows = e_dev * batch_per_slot / mesh_shape.get("data", 1)
-  act = jnp.dtype(cfg.dtype).itemsize
   tok = rows * seq_len
-  layer = tok * (4 * cfg.d_model + 2 * cfg.n_kv_heads * cfg.head_dim + 3 * cfg.d_ff) * act
-  saved = cfg.n_layers * tok * cfg.d_model * act if remat else cfg.n_layers * layer
+  layer = layer_saved_bytes(cfg, "none", tok)
   logits = 2 * tok * cfg.vocab_size * 4
-  out["activations_estimate"] = int(saved + 2 * layer + logits)
+  out["activations_estimate"] = int(cfg.n_layers * layer_saved_bytes(cfg, remat, tok) + 2 * layer + logits)
   out["total"] = int(sum(out.values()))
   out["slots_per_device"] = e_dev
   out["rows_per_device"] = rows
   return out
+
+
+def layer_saved_bytes(cfg: LlamaConfig, remat: str, tokens: float) -> float:
+  """Bytes one layer keeps for the backward pass over `tokens` tokens, by `TrainSpec.remat`:
+  "full" its input; "minimal" its input plus the outputs named in `mixie.model.layers.SAVED` (q, k, v,
+  attention output, o, gate, up); "none" every intermediate (two norm outputs, q, k, v, attention
+  output, o, gate, up and their gated product)."""
+  D, F = cfg.d_model, cfg.d_ff
+  NH, KH = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+  width = {"full": D, "minimal": D + 2 * NH + 2 * KH + D + 2 * F,
+           "none": 2 * D + 2 * NH + 2 * KH + D + 3 * F}
+  if remat not in width:
+    raise ConfigError(f"remat={remat!r} is not one of {sorted(width)}")
+  return tokens * width[remat] * jnp.dtype(cfg.dtype).itemsize
 
 
 def _init_base(cfg: LlamaConfig, key):
@@ -94,7 +107,7 @@ def moin5k_report(n_experts: int = 5000, devices: int = 256) -> dict[str, Any]:
   shape = {k: (devices // known if v == -1 else v) for k, v in shape.items()}
   mem = wave_memory(cfg, lora, slots=c.train.slots, batch_per_slot=c.train.batch_per_slot,
                     seq_len=c.dataset.seq_len, mesh_shape=shape, rules=tuple(tuple(r) for r in c.mesh.rules),
-                    remat=bool(c.model.remat))
+                    remat="full" if c.model.remat else "minimal")  # as `mixie.train.main` maps it
   n = expert_param_count(cfg, lora, n_experts)
   return {"experts": n_experts, "rank": lora.rank, "targets": list(lora.targets),
           "expert_params": n, "expert_params_billions": round(n / 1e9, 2),
