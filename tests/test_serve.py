@@ -138,15 +138,15 @@ def test_stop_tokens_and_sampling(model):
   s1, _ = generate_rows(*args, NO_STOP, jax.random.key(1), temperature=1.0, **kw)
   s2, _ = generate_rows(*args, NO_STOP, jax.random.key(2), temperature=1.0, **kw)
   assert not np.array_equal(s1, s2) and not np.array_equal(s1, greedy)
-  # the server's two calls (prefill, then the decode loop from its carry) give the same tokens
-  for stops, key, temp in ((jnp.asarray([stop]), jax.random.key(0), 0.0),
-                           (NO_STOP, jax.random.key(1), 1.0)):
-    want = generate_rows(*args, stops, key, temperature=temp, **kw)
-    for unstack in (False, True):
-      carry = prefill_rows(*args, stops, key, temperature=temp, **kw)
-      got = decode_rows(*args[:3], stops, carry, temperature=temp, unstack=unstack, **kw)
-      np.testing.assert_array_equal(got[0], want[0])
-      np.testing.assert_array_equal(got[1], want[1])
+  # the server's two calls (prefill, then the decode loop from its carry) give the same tokens as the one
+  # call above: greedy with a stop token on the scanned layers, sampled on the unstacked ones
+  for stops, key, temp, unstack, want in ((jnp.asarray([stop]), jax.random.key(0), 0.0, False, out),
+                                          (NO_STOP, jax.random.key(1), 1.0, True, s1)):
+    carry = prefill_rows(*args, stops, key, temperature=temp, **kw)
+    got, n_got = decode_rows(*args[:3], stops, carry, temperature=temp, unstack=unstack, **kw)
+    np.testing.assert_array_equal(got, want)
+    if want is out:
+      np.testing.assert_array_equal(n_got, n)
 
 
 def test_topk_mixture_scoring_and_greedy_generation(model):
