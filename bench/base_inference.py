@@ -23,7 +23,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,18 +30,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_utils import median_seconds  # noqa: E402
 from hf_peer import hf_llama_config  # noqa: E402
 from mixie.model import generate as gen  # noqa: E402
 from mixie.model.llama import PRESETS, LlamaConfig, init_cache, init_params  # noqa: E402
-
-
-def _median_time(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def _mixie_fns(params, cfg, tokens_bt, new):
@@ -99,7 +90,7 @@ def _compare(sides, b, p, new, repeats):
   for _ in range(repeats):
     for name, fns in sides.items():
       for i, f in enumerate(fns):
-        t[name][i].append(_median_time(f, 1))
+        t[name][i].append(median_seconds(f, 1))
   out = {}
   for name in t:
     pre, g_new, g_one = (statistics.median(x) for x in t[name])

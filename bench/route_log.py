@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
 
+from bench_utils import median_seconds, serving_args  # noqa: E402
 from mixie.model.llama import PRESETS, init_params  # noqa: E402
 from mixie.model.lora import LoraConfig, expert_shapes  # noqa: E402
 from mixie.route.fallback import Policy  # noqa: E402
@@ -63,15 +64,6 @@ class _LookupEmbedder:
 
   def embed(self, texts):
     return np.stack([self.q[t] for t in texts])
-
-
-def _median_ms(fn, reps):
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    ts.append(time.perf_counter() - t0)
-  return 1e3 * float(np.median(ts))
 
 
 def build(args, workdir):
@@ -105,11 +97,7 @@ def build(args, workdir):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--rows", type=int, default=16)
-  ap.add_argument("--prompt-len", type=int, default=64)
-  ap.add_argument("--new-tokens", type=int, default=16)
-  ap.add_argument("--reps", type=int, default=5)
-  ap.add_argument("--quick", action="store_true", help="2-layer model (a smoke test of the script)")
+  serving_args(ap, reps=5, quick_help="2-layer model (a smoke test of the script)")
   ap.add_argument("--out", default="", help="also write the JSON here")
   args = ap.parse_args()
   with tempfile.TemporaryDirectory() as wd:
@@ -133,7 +121,7 @@ def main():
     decode_step = (med["off"] - med["one"]) / (n - 1)
 
     ids = [server.tokenizer.encode(p) for p in prompts]
-    route_ms = _median_ms(lambda: server.route_with_fallback(ids), 50)
+    route_ms = 1e3 * median_seconds(lambda: server.route_with_fallback(ids), 50)
     routed, served, below = server.route_with_fallback(ids)
     results = gen(n)
 
@@ -142,7 +130,7 @@ def main():
                                  prefixes=[i[:32] for i in ids], routed=routed, served=served,
                                  below_n=below, policy=server.policy, results=results,
                                  token_counts=[len(i) for i in ids], route_ms=route_ms))
-    log_ms = _median_ms(write_log, 200)
+    log_ms = 1e3 * median_seconds(write_log, 200)
     line_bytes = os.path.getsize(log.path) / sum(1 for _ in open(log.path))
   b = args.rows
   out = {"jax": jax.__version__, "backend": jax.default_backend(), "cpu_count": os.cpu_count(),

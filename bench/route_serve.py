@@ -47,6 +47,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from bench_utils import median_seconds, serving_args  # noqa: E402
 from hf_peer import hf_llama_config, peft_targets  # noqa: E402
 from mixie.model.generate import Decoder, sample_logits  # noqa: E402
 from mixie.model.llama import LlamaConfig, PRESETS, bind, init_cache, init_params  # noqa: E402
@@ -60,12 +61,7 @@ def _log(msg):
 
 def _median_time(fn, reps):
   fn()  # warm-up (compiles)
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    ts.append(time.perf_counter() - t0)
-  return float(np.median(ts))
+  return median_seconds(fn, reps)
 
 
 def random_experts(cfg: LlamaConfig, lora: LoraConfig, n: int, key) -> dict:
@@ -401,12 +397,8 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--sections", default="serve,route", help="comma list of serve, route, gpu")
   ap.add_argument("--model", default="gguf", choices=("gguf", "random"))
-  ap.add_argument("--rows", type=int, default=16)
-  ap.add_argument("--prompt-len", type=int, default=64)
-  ap.add_argument("--new-tokens", type=int, default=16)
+  serving_args(ap, reps=3, quick_help="tiny sizes (a smoke test of the script)")
   ap.add_argument("--knn-docs", type=int, default=1_000_000)
-  ap.add_argument("--reps", type=int, default=3)
-  ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test of the script)")
   ap.add_argument("--gpu-dry-run", action="store_true", help="run the gpu section tiny, on CPU")
   ap.add_argument("--out", default="", help="also write the JSON here")
   args = ap.parse_args()

@@ -49,6 +49,23 @@ def random_base(cfg, rng, scale=0.05):
   return params, Tokenizer.from_gguf(assets.smollm2_gguf()), fingerprint(cfg, params)
 
 
+def clustered_run(tmp_path_factory, name: str, make_config, cfg, seed: int = 0):
+  """A tf-idf topics work directory and a random base for tests over a run: `make_config(workdir)` of a
+  fresh `workdir`, clustered (`run_cluster`), then `random_base(cfg, rng)`.
+
+  Returns `(workdir, config, rng, params, tokenizer, fingerprint)`; `rng` (seeded `seed`) goes on to draw
+  the test's experts."""
+  # deferred: conftest imports this module, and mixie.cluster.topics takes ~0.6 s to import
+  from mixie.cluster.topics import run_cluster
+
+  wd = tmp_path_factory.mktemp(name) / "w"
+  config = make_config(wd)
+  run_cluster(config, log=lambda *_: None)
+  rng = np.random.default_rng(seed)
+  params, tok, fp = random_base(cfg, rng)
+  return wd, config, rng, params, tok, fp
+
+
 def tfidf_run_config(workdir):
   """A config for a tiny, fast run in `workdir`: 300 documents, 3 tf-idf topics, rows of 64 tokens."""
   c = base_config()

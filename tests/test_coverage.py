@@ -22,7 +22,7 @@ from mixie.model.lora import LoraConfig, expert_shapes
 from mixie.route import calibrate as cal
 from mixie.route.run import build_routers
 from mixie.store import ExpertMeta, ExpertStore
-from run_utils import random_base, random_tree, tfidf_run_config
+from run_utils import clustered_run, random_tree, tfidf_run_config
 
 CFG = LlamaConfig(vocab_size=49152, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                   max_seq_len=128)
@@ -43,13 +43,7 @@ def _config(workdir):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   """Topics of 300 documents, random experts for the 3 topics and an all-data LoRA; evaluated once."""
-  from mixie.cluster.topics import run_cluster
-
-  wd = tmp_path_factory.mktemp("coverage") / "w"
-  config = _config(wd)
-  run_cluster(config, log=lambda *_: None)
-  rng = np.random.default_rng(0)
-  params, tok, fp = random_base(CFG, rng)
+  wd, config, rng, params, tok, fp = clustered_run(tmp_path_factory, "coverage", _config, CFG)
   for t in range(3):
     ExpertStore(wd / "experts").write(t, random_tree(expert_shapes(CFG, LORA), rng, 0.3),
                                       ExpertMeta.new(LORA, fp))

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from mixie.evaluate.run import format_table
+from mixie.evaluate.tables import format_table
 from mixie.train.divergence import DivergenceMonitor, DivergenceRule, load, record, table_marks
 from mixie.train.loop import train_loop
 from mixie.train.scheduler import ExpertScheduler

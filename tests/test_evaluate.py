@@ -20,6 +20,7 @@ from mixie.errors import ConfigError, MixieError
 from mixie.evaluate import plots
 from mixie.evaluate import run as R
 from mixie.evaluate.ppl import mixture_scores, pair_logprobs, row_sharding_of
+from mixie.evaluate.tables import format_table
 from mixie.model.checkpoint import fingerprint
 from mixie.model.llama import LlamaConfig, forward
 from mixie.model.lora import LoraConfig, expert_shapes
@@ -319,7 +320,7 @@ def test_outputs_written(run):
     png = (d / f"{name}.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert png == figures.png_bytes(getattr(plots, f"plot_{name}")(res))
-  text = R.format_table(res)
+  text = format_table(res)
   assert "P=8" in text and "P=16" in text and "oracle" in text and "held-out perplexity" in text
 
 

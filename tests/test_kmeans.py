@@ -7,6 +7,7 @@ from sklearn.cluster import KMeans, kmeans_plusplus
 from sklearn.datasets import make_blobs
 
 from mixie.cluster import kmeans as km
+from mixie.cluster.nearest import data_mesh
 from mixie.errors import MixieError
 from mixie.sharding import make_mesh
 
@@ -123,7 +124,7 @@ def test_assign_matches_brute_force(mesh8):
 def test_distance_chunks_never_form_n_by_k():
   """The compiled Lloyd loop holds [chunk, k] score blocks, never an [n, k] matrix."""
   n, k, d, chunk = 4096, 96, 8, 256
-  mesh = km._mesh(None)
+  mesh = data_mesh(None)
   prepare, init_fn, lloyd = km._fit_fns(mesh, n, k, "l2", chunk, "k-means||", 5, 0.0)
   x = jax.ShapeDtypeStruct((n, d), np.float32)
   w = jax.ShapeDtypeStruct((n,), np.float32)

@@ -63,7 +63,7 @@ def test_scale_500_per_expert_host_work_stays_flat(tmp_path):
 def test_table_and_plot_show_the_largest_topics_only():
   """With thousands of topics the table and the figure show the 12 with the most documents."""
   from mixie.evaluate.plots import SHOWN_TOPICS, plot_perplexity, shown_topics
-  from mixie.evaluate.run import format_table
+  from mixie.evaluate.tables import format_table
 
   k, rows = 40, ["base", "centroid"]
   docs = {str(t): 1 + (t * 7) % 13 for t in range(k)}

@@ -18,7 +18,7 @@ from mixie.route.router import ROUTER_JSON, prefix_token_ids
 from mixie.route.run import build_router, expert_of_topic, load_router, router_dir
 from mixie.serve.run import make_server
 from mixie.store import ExpertMeta, ExpertStore
-from run_utils import random_base, random_tree, tfidf_run_config
+from run_utils import clustered_run, random_tree, tfidf_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = LlamaConfig(vocab_size=49152, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -37,13 +37,7 @@ def _config(workdir):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   """Topics of 300 documents (k = 3); experts for topics 0 and 2, topic 1 merged into topic 0."""
-  from mixie.cluster.topics import run_cluster
-
-  wd = tmp_path_factory.mktemp("serve") / "w"
-  config = _config(wd)
-  run_cluster(config, log=lambda *_: None)
-  rng = np.random.default_rng(0)
-  params, tok, fp = random_base(CFG, rng)
+  wd, config, rng, params, tok, fp = clustered_run(tmp_path_factory, "serve", _config, CFG)
   experts = {t: random_tree(expert_shapes(CFG, LORA), rng, 0.3) for t in (0, 2)}
   store = ExpertStore(wd / "experts")
   store.write(0, experts[0], ExpertMeta.new(LORA, fp, merged_topics=[1]))

@@ -13,8 +13,7 @@
   k-means++ on the weighted candidates. k-means++ would need k passes over all points; k-means|| needs 5.
 - Empty clusters are re-seeded with the points farthest from their centroids.
 - Balanced mode caps every cluster at `ceil(balanced_max_size * n / k)` points: after the Lloyd loop,
-  a capacity-constrained greedy assignment (each point proposes to its nearest cluster that still has
-  room, a cluster keeps its closest proposers) alternates with centroid updates until nothing moves.
+  a capacity-constrained assignment alternates with centroid updates (`mixie.cluster.balanced`).
 - `n_init` restarts keep the result with the lowest inertia.
 - The mesh may span several processes (`mixie.distributed`): every process passes the same points,
   places only the rows of its own devices, and gets the assignment back all-gathered.
@@ -31,13 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mixie.cluster.balanced import balanced_refine
+from mixie.cluster.nearest import (HIGHEST, data_mesh, distance, layout, nearest_fn, nearest_pass, put_rows,
+                                   scores)
 from mixie.distributed import to_host
 from mixie.errors import MixieError
 
 METRICS = ("cosine", "l2")
 INITS = ("auto", "k-means++", "k-means||")
 KMPAR_ROUNDS = 5  # k-means|| sampling rounds
-_HI = jax.lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass
@@ -53,54 +54,7 @@ class KMeansResult:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Layout: points padded to shards x chunks x chunk, padding at the end with weight 0.
-
-
-def _mesh(mesh: Mesh | None) -> Mesh:
-  if mesh is None:
-    return Mesh(np.asarray(jax.local_devices()[:1]), ("data",))  # this process's own device
-  if "data" not in mesh.shape:
-    raise ValueError(f"k-means needs a mesh with a 'data' axis, got axes {mesh.axis_names}")
-  return mesh
-
-
-def _layout(n: int, chunk: int, shards: int) -> tuple[int, int]:
-  """(chunk actually used, padded number of points)."""
-  per = -(-n // shards)
-  c = max(8, min(chunk, -(-per // 8) * 8))
-  return c, shards * (-(-per // c)) * c
-
-
-def _put_rows(a: np.ndarray, n_pad: int, sharding) -> jax.Array:
-  """Host array -> device array of n_pad rows (zero rows appended), sharded, without a padded copy."""
-  n = a.shape[0]
-
-  def cb(index):
-    sl = index[0]
-    start, stop = sl.start or 0, n_pad if sl.stop is None else sl.stop
-    part = a[start:min(stop, n)]
-    if part.shape[0] < stop - start:
-      part = np.concatenate([part, np.zeros((stop - start - part.shape[0],) + a.shape[1:], a.dtype)])
-    return part
-
-  return jax.make_array_from_callback((n_pad,) + a.shape[1:], sharding, cb)
-
-
-# ---------------------------------------------------------------------------------------------------
 # Per-shard chunked passes (run inside shard_map).
-
-
-def _scores(x_cd, c_kd, csq_k, metric):
-  """Larger is nearer: `x.c` (cosine) or `x.c - |c|^2 / 2` (l2)."""
-  s = jnp.dot(x_cd, c_kd.T, precision=_HI, preferred_element_type=jnp.float32)
-  return s if metric == "cosine" else s - 0.5 * csq_k
-
-
-def _dist(best_c, x_cd, metric):
-  """Distance from the best score."""
-  if metric == "cosine":
-    return jnp.maximum(1.0 - best_c, 0.0)
-  return jnp.maximum(jnp.sum(x_cd * x_cd, -1) - 2.0 * best_c, 0.0)
 
 
 def _accumulate(x_cd, w_c, a_c, k):
@@ -108,7 +62,7 @@ def _accumulate(x_cd, w_c, a_c, k):
   if jax.default_backend() == "cpu":
     return jax.ops.segment_sum(x_cd * w_c[:, None], a_c, k), jax.ops.segment_sum(w_c, a_c, k)
   oh_ck = jax.nn.one_hot(a_c, k, dtype=x_cd.dtype) * w_c[:, None]
-  return jnp.dot(oh_ck.T, x_cd, precision=_HI), jnp.sum(oh_ck, 0)
+  return jnp.dot(oh_ck.T, x_cd, precision=HIGHEST), jnp.sum(oh_ck, 0)
 
 
 def _local_lloyd_pass(x_nd, w_n, c_kd, *, metric, chunk):
@@ -119,9 +73,9 @@ def _local_lloyd_pass(x_nd, w_n, c_kd, *, metric, chunk):
   def body(carry, xw):
     sums_kd, counts_k, inertia = carry
     x_cd, w_c = xw
-    s_ck = _scores(x_cd, c_kd, csq_k, metric)
+    s_ck = scores(x_cd, c_kd, csq_k, metric)
     a_c = jnp.argmax(s_ck, -1).astype(jnp.int32)
-    dist_c = _dist(jnp.max(s_ck, -1), x_cd, metric)
+    dist_c = distance(jnp.max(s_ck, -1), x_cd, metric)
     ds, dc = _accumulate(x_cd, w_c, a_c, k)
     return (sums_kd + ds, counts_k + dc, inertia + jnp.sum(w_c * dist_c)), (a_c, dist_c)
 
@@ -131,33 +85,10 @@ def _local_lloyd_pass(x_nd, w_n, c_kd, *, metric, chunk):
   return a.reshape(-1), dist.reshape(-1), jax.lax.psum(carry, "data")
 
 
-def _local_nearest(x_nd, c_kd, bias_k, *, metric, chunk, m):
-  """Top-m nearest centroids `[n, m]` and their distances (bias -inf excludes a centroid)."""
-  k, d = c_kd.shape
-  csq_k = jnp.sum(c_kd * c_kd, -1)
-
-  def body(_, x_cd):
-    s_ck = _scores(x_cd, c_kd, csq_k, metric) + bias_k
-    if m == 1:
-      best, idx = jnp.max(s_ck, -1, keepdims=True), jnp.argmax(s_ck, -1, keepdims=True)
-    else:
-      best, idx = jax.lax.top_k(s_ck, m)
-    dist = jax.vmap(lambda b: _dist(b, x_cd, metric), 1, 1)(best)
-    return None, (idx.astype(jnp.int32), dist)
-
-  _, (idx, dist) = jax.lax.scan(body, None, x_nd.reshape(-1, chunk, d))
-  return idx.reshape(-1, m), dist.reshape(-1, m)
-
-
 def _lloyd_pass(mesh, metric, chunk):
   return jax.shard_map(functools.partial(_local_lloyd_pass, metric=metric, chunk=chunk), mesh=mesh,
                        in_specs=(P("data", None), P("data"), P()),
                        out_specs=(P("data"), P("data"), P()))
-
-
-def _nearest_pass(mesh, metric, chunk, m):
-  return jax.shard_map(functools.partial(_local_nearest, metric=metric, chunk=chunk, m=m), mesh=mesh,
-                       in_specs=(P("data", None), P(), P()), out_specs=(P("data", None), P("data", None)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -166,7 +97,7 @@ def _nearest_pass(mesh, metric, chunk, m):
 
 def _pair_dist(a_jd, b_md, metric):
   """Distances `[j, m]` between two small sets."""
-  s = jnp.dot(a_jd, b_md.T, precision=_HI)
+  s = jnp.dot(a_jd, b_md.T, precision=HIGHEST)
   if metric == "cosine":
     return jnp.maximum(1.0 - s, 0.0)
   return jnp.maximum(jnp.sum(a_jd * a_jd, -1)[:, None] - 2 * s + jnp.sum(b_md * b_md, -1)[None], 0.0)
@@ -205,7 +136,7 @@ def _init_kmpar(x_nd, key, *, n, k, metric, chunk, mesh):
   then greedy k-means++ on those candidates."""
   n_pad, d = x_nd.shape
   ell = k
-  near = _nearest_pass(mesh, metric, chunk, 1)
+  near = nearest_pass(mesh, metric, chunk, 1)
   no_bias = jnp.zeros((ell,), jnp.float32)
   k0, ks, kg = jax.random.split(key, 3)
   first = jax.random.randint(k0, (), 0, n)
@@ -306,49 +237,6 @@ def _fit_fns(mesh: Mesh, n: int, k: int, metric: str, chunk: int, init: str, max
 
 
 # ---------------------------------------------------------------------------------------------------
-# Balanced mode (capacity-constrained assignment).
-
-
-def _capacity_assign(cand_nm: np.ndarray, dist_nm: np.ndarray, cap: int, k: int, refill) -> np.ndarray:
-  """Greedy assignment with at most `cap` points per cluster.
-
-  Every unassigned point proposes to its nearest candidate cluster that still has room; a cluster
-  accepts its closest proposers up to its remaining room. Points whose candidates are all full get
-  fresh candidates among the clusters with room from `refill(points, open_k) -> (cand, dist)`.
-  """
-  n, m = cand_nm.shape
-  cand_nm, dist_nm = cand_nm.copy(), dist_nm.copy()
-  assign = np.full(n, -1, np.int64)
-  ptr = np.zeros(n, np.int64)
-  room = np.full(k, cap, np.int64)
-  while True:
-    todo = np.flatnonzero(assign < 0)
-    if todo.size == 0:
-      return assign
-    for _ in range(m):  # skip candidates that are full
-      full = (ptr[todo] < m) & (room[cand_nm[todo, np.minimum(ptr[todo], m - 1)]] <= 0)
-      if not full.any():
-        break
-      ptr[todo[full]] += 1
-    out = todo[ptr[todo] >= m]
-    if out.size:
-      if not (room > 0).any():
-        raise MixieError("balanced k-means: total capacity is below the number of points")
-      cand_nm[out], dist_nm[out] = refill(out, room > 0)
-      ptr[out] = 0
-      continue
-    c = cand_nm[todo, ptr[todo]]
-    dd = dist_nm[todo, ptr[todo]]
-    order = np.lexsort((dd, c))
-    c_sorted = c[order]
-    first = np.searchsorted(c_sorted, c_sorted, side="left")
-    rank = np.arange(order.size) - first
-    ok = rank < room[c_sorted]
-    assign[todo[order[ok]]] = c_sorted[ok]
-    np.subtract.at(room, c_sorted[ok], 1)
-
-
-# ---------------------------------------------------------------------------------------------------
 # Public API.
 
 
@@ -397,10 +285,10 @@ def kmeans(x_nd: np.ndarray, k: int, *, metric: str = "cosine", n_init: int = 1,
     init = "k-means||" if n > 1 + KMPAR_ROUNDS * k else "k-means++"
   if init == "k-means||" and n <= 1 + KMPAR_ROUNDS * k:
     init = "k-means++"  # too few points to over-sample
-  mesh = _mesh(mesh)
-  chunk, n_pad = _layout(n, chunk, int(mesh.shape["data"]))
+  mesh = data_mesh(mesh)
+  chunk, n_pad = layout(n, chunk, int(mesh.shape["data"]))
   prepare, init_fn, lloyd = _fit_fns(mesh, n, k, metric, chunk, init, max_iters, float(tol))
-  x_dev, w_dev = prepare(_put_rows(x_nd, n_pad, NamedSharding(mesh, P("data", None))))
+  x_dev, w_dev = prepare(put_rows(x_nd, n_pad, NamedSharding(mesh, P("data", None))))
 
   best = None
   for key in jax.random.split(jax.random.key(seed), n_init):
@@ -413,7 +301,7 @@ def kmeans(x_nd: np.ndarray, k: int, *, metric: str = "cosine", n_init: int = 1,
 
   if balanced_max_size:
     cap = math.ceil(balanced_max_size * n / k)
-    c, a, dist = _balanced_refine(x_dev, w_dev, c, n=n, k=k, cap=cap, metric=metric, chunk=chunk,
+    c, a, dist = balanced_refine(x_dev, w_dev, c, n=n, k=k, cap=cap, metric=metric, chunk=chunk,
                                   mesh=mesh, rounds=max(1, min(max_iters, 10)))
     inertia = float(np.sum(dist, dtype=np.float64))
     sizes = np.bincount(a, minlength=k)
@@ -423,74 +311,6 @@ def kmeans(x_nd: np.ndarray, k: int, *, metric: str = "cosine", n_init: int = 1,
   return KMeansResult(centroids_kd=to_host(c).astype(np.float32), assign_n=a.astype(np.int32),
                       inertia=inertia, sizes_k=sizes, n_iter=iters, metric=metric)
 
-
-@functools.lru_cache(maxsize=32)
-def _nearest_fn(mesh: Mesh, metric: str, chunk: int, m: int):
-  """Jitted top-m nearest centroids of sharded points."""
-  return jax.jit(_nearest_pass(mesh, metric, chunk, m))
-
-
-@functools.lru_cache(maxsize=32)
-def _assigned_stats_fn(mesh: Mesh, metric: str, k: int):
-  """Jitted (per-centroid sums, distance of each point to its assigned centroid) for a given assignment."""
-
-  def stats(x_nd, w_n, c_kd, a_n):
-    c_nd = c_kd[a_n]
-    s = jnp.sum(x_nd * c_nd, -1)
-    if metric == "l2":
-      s = s - 0.5 * jnp.sum(c_nd * c_nd, -1)
-    return jax.ops.segment_sum(x_nd * w_n[:, None], a_n, k), _dist(s, x_nd, metric) * w_n
-
-  return jax.jit(stats)
-
-
-def _balanced_refine(x_dev, w_dev, c_kd, *, n, k, cap, metric, chunk, mesh, rounds):
-  """Alternates capacity-constrained assignment and centroid updates until nothing moves.
-
-  Returns (centroids, assignment, distance of each point to its centroid)."""
-  shards = int(mesh.shape["data"])
-  rows, vec = NamedSharding(mesh, P("data", None)), NamedSharding(mesh, P("data"))
-  m = min(k, 16)
-  n_pad = x_dev.shape[0]
-  stats = _assigned_stats_fn(mesh, metric, k)
-  x_host = []  # filled on first use of refill
-
-  def refill_for(c_kd):
-    def refill(points, open_k):
-      if not x_host:
-        x_host.append(to_host(x_dev)[:n])
-      mm = min(m, int(open_k.sum()))
-      # pad to a power of two (>= 64 rows per shard) so that few shapes compile
-      ch, sub_pad = _layout(max(64 * shards, 1 << (len(points) - 1).bit_length()), chunk, shards)
-      bias = jnp.asarray(np.where(open_k, 0.0, -np.inf).astype(np.float32))
-      idx, dist = _nearest_fn(mesh, metric, ch, mm)(_put_rows(x_host[0][points], sub_pad, rows), c_kd,
-                                                   bias)
-      idx, dist = to_host(idx)[:len(points)], to_host(dist)[:len(points)]
-      if mm < m:  # repeat the last candidate to keep m columns
-        idx = np.concatenate([idx, np.repeat(idx[:, -1:], m - mm, 1)], 1)
-        dist = np.concatenate([dist, np.repeat(dist[:, -1:], m - mm, 1)], 1)
-      return idx, dist
-    return refill
-
-  a_n = None
-  for _ in range(rounds):
-    idx, dist = _nearest_fn(mesh, metric, chunk, m)(x_dev, c_kd, jnp.zeros((k,), jnp.float32))
-    new_a = _capacity_assign(to_host(idx)[:n], to_host(dist)[:n], cap, k, refill_for(c_kd))
-    changed = a_n is None or not np.array_equal(new_a, a_n)
-    a_n = new_a
-    a_pad = np.zeros(n_pad, np.int32)
-    a_pad[:n] = a_n
-    a_dev = _put_rows(a_pad, n_pad, vec)
-    if not changed:
-      break
-    sums, _ = stats(x_dev, w_dev, c_kd, a_dev)
-    counts = np.bincount(a_n, minlength=k).astype(np.float32)
-    c_new = to_host(sums) / np.maximum(counts, 1)[:, None]
-    if metric == "cosine":
-      c_new /= np.maximum(np.linalg.norm(c_new, axis=-1, keepdims=True), 1e-12)
-    c_kd = jnp.asarray(np.where(counts[:, None] > 0, c_new, to_host(c_kd)))
-  _, dist_n = stats(x_dev, w_dev, c_kd, a_dev)
-  return to_host(c_kd), a_n, to_host(dist_n)[:n]
 
 
 def assign(x_nd: np.ndarray, centroids_kd: np.ndarray, metric: str = "cosine", chunk: int = 8192,
@@ -506,13 +326,13 @@ def assign(x_nd: np.ndarray, centroids_kd: np.ndarray, metric: str = "cosine", c
   if n == 0:
     a, dd = np.zeros((0,), np.int32), np.zeros((0,), np.float32)
     return (a, dd) if return_dist else a
-  mesh = _mesh(mesh)
-  chunk, n_pad = _layout(n, chunk, int(mesh.shape["data"]))
+  mesh = data_mesh(mesh)
+  chunk, n_pad = layout(n, chunk, int(mesh.shape["data"]))
   if metric == "cosine":
     x_nd = x_nd / np.maximum(np.linalg.norm(x_nd, axis=-1, keepdims=True), 1e-12)
     c = c / np.maximum(np.linalg.norm(c, axis=-1, keepdims=True), 1e-12)
-  x_dev = _put_rows(x_nd, n_pad, NamedSharding(mesh, P("data", None)))
-  idx, dist = _nearest_fn(mesh, metric, chunk, 1)(x_dev, jnp.asarray(c),
+  x_dev = put_rows(x_nd, n_pad, NamedSharding(mesh, P("data", None)))
+  idx, dist = nearest_fn(mesh, metric, chunk, 1)(x_dev, jnp.asarray(c),
                                                   jnp.zeros((c.shape[0],), jnp.float32))
   a, dd = to_host(idx)[:n, 0], to_host(dist)[:n, 0]
   return (a, dd) if return_dist else a

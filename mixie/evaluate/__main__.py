@@ -15,7 +15,8 @@ def main(argv) -> int:
   """CLI entry: prefix-routed held-out perplexity of the work directory's experts."""
   config = cli.config_from_flags(argv)
   # deferred: --help and command-line errors answer in 0.2 s, not 4 s (jax and the stage load)
-  from mixie.evaluate.run import evaluate, format_table, validate_eval_config
+  from mixie.evaluate.run import evaluate, validate_eval_config
+  from mixie.evaluate.tables import format_table
 
   validate_eval_config(config)  # before the base is loaded
   print(format_table(evaluate(config)))

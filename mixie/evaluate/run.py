@@ -20,7 +20,9 @@ topic's expert. Every row also states its training tokens and FLOPs (`mixie.comp
 
 Scoring runs once per distinct (document, expert) pair over all rows and all P: the per-token
 log-likelihoods of `mixie.evaluate.ppl.pair_logprobs` (a jitted, vmapped mixed-expert forward, one
-compiled shape), then every row and every P is host arithmetic on them (`mixture_scores`).
+compiled shape), then every row and every P is host arithmetic on them (`mixture_scores`). The rows,
+their scoring and the tables, as dicts and as text (`format_table`), are `mixie.evaluate.tables`; this
+module finds the documents, routes and models and writes the outputs.
 
 Outputs, each written atomically:
 
@@ -47,15 +49,14 @@ import numpy as np
 from mixie import io as mio
 from mixie.cluster.embed import load_embedder
 from mixie.cluster.topics import dataset_dir, load_topics, topics_dir
-from mixie.compute import format_flops, row_compute
+from mixie.compute import row_compute
 from mixie.data.dataset import open_dataset
 from mixie.distributed import is_main_process
 from mixie.errors import ConfigError, MixieError, check
 from mixie.evaluate import plots
 from mixie.evaluate.coverage import coverage_report
-from mixie.evaluate.plots import shown_topics
-from mixie.evaluate.ppl import (bucket, by_group, mixture_scores, pair_logprobs, perplexity,
-                                row_sharding_of)
+from mixie.evaluate.ppl import bucket
+from mixie.evaluate.tables import prefix_table, score_pairs, table_rows
 from mixie.model.checkpoint import fingerprint
 from mixie.model.load import load_base
 from mixie.route.fallback import FallbackConfig
@@ -228,8 +229,7 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
   store = run_store(wd)
   check(bool(store.topics()), f"{store.dir}: no trained experts; run `python -m mixie.train "
                               "--config=...` first")
-  topics = load_topics(wd)
-  K = topics.num_topics
+  K = load_topics(wd).num_topics
   eot_k = expert_of_topic(store, K)
   all_key = max([K] + [t + 1 for t in store.topics()])  # lora_all's key: above every expert id (imports)
   lora = store.lora()
@@ -240,163 +240,95 @@ def evaluate(config, *, loaded=None, fp: str | None = None, log: Callable[[str],
   check(tokenizer is not None, "model: the base has no tokenizer; evaluation needs one")
   fp = fp or fingerprint(cfg, params)
   params = _committed(params)
-
-  # documents as the model sees them: [BOS] tokens EOS, cut to the training row length
-  held = heldout_set(config, ps[-1] + 1)
-  n = len(held.tokens)
-  bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
-  max_len = min(int(config.dataset.seq_len), cfg.max_seq_len)
-  seqs = [(bos + doc.tolist() + [tokenizer.eos_ids[0]])[:max_len] for doc in held.tokens]
-  len_n = np.asarray([len(s) for s in seqs], np.int64)
-  length = min(bucket(int(len_n.max())), cfg.max_seq_len)  # one padded row length: one compile
-  oracle_n = eot_k[held.topic_n]
+  docs = _model_docs(config, ps, cfg, tokenizer)
+  n, oracle_n = len(docs.held.tokens), eot_k[docs.held.topic_n]
 
   # routes for every P (the embedder and the router see the first P tokens only)
   routers = build_routers(config, store, modes)
   embedder = load_embedder(topics_dir(wd) / "embedder", base=(cfg, params, tokenizer),
                            batch=int(config.cluster.embed_batch))
-  routes = {p: prefix_routes(routers, embedder, tokenizer, held.tokens, p, oracle_n) for p in ps}
+  routes = {p: prefix_routes(routers, embedder, tokenizer, docs.held.tokens, p, oracle_n) for p in ps}
 
-  # every row as (model, expert keys [n, g], weights [n, g]); key -1: the base, all_key: lora_all
-  lora_all_store = run_store(wd, "lora_all")
-  full = load_full(wd, params, fp)
-  ones = np.ones((n, 1), np.float32)
-  fixed = {"base": ("base", np.full((n, 1), -1, np.int64), ones)}
-  if 0 in lora_all_store:
-    fixed["lora_all"] = ("base", np.full((n, 1), all_key, np.int64), ones)
-  wide_store = run_store(wd, "lora_all_wide")  # its own rank: scored through its own cache
-  if 0 in wide_store:
-    fixed["lora_all_wide"] = ("wide", np.zeros((n, 1), np.int64), ones)
-  if full is not None:
-    fixed["full"] = ("full", np.full((n, 1), -1, np.int64), ones)
-  rows = list(fixed) + list(modes) + ["oracle"]
-
-  def row_spec(row, p):
-    if row in fixed:
-      return fixed[row]
-    r = routes[p][row]
-    return "base", r.expert_ids.astype(np.int64), r.weights
-
-  # distinct (document, expert) pairs per model, scored once
-  cache = ExpertCache(cfg, lora, _Experts(store, lora_all_store, all_key, lora, fp), int(config.eval.batch),
-                      sharding=_replicated_like(params))
-  caches = {"base": cache, "full": cache}
-  if "lora_all_wide" in fixed:
-    wide = wide_store.lora()
-    caches["wide"] = ExpertCache(cfg, wide, lambda key: wide_store.load(0, fp, wide)[0],
-                                 int(config.eval.batch), sharding=_replicated_like(params))
-  doc_ng = lambda g: np.repeat(np.arange(n)[:, None], g, axis=1)
-  lp, index = {}, {}
-  t0 = time.time()
-  n_pairs = 0
-  for model, mparams in (("base", params), ("full", full), ("wide", params if "wide" in caches else None)):
-    if mparams is None:
-      continue
-    specs = [s for s in (row_spec(r, p) for r in rows for p in ps) if s[0] == model]
-    codes = np.unique(np.concatenate([(doc_ng(k.shape[1]) * (all_key + 2) + k + 1).ravel()
-                                      for _, k, _ in specs]))
-    lp[model] = pair_logprobs(mparams, caches[model], seqs, codes // (all_key + 2), codes % (all_key + 2) - 1,
-                              cfg=cfg, lora_scale=caches[model].lora.scale, batch=int(config.eval.batch), length=length,
-                              row_sharding=row_sharding_of(mparams, int(config.eval.batch)),
-                              progress=progress)
-    index[model] = codes
-    n_pairs += codes.size
-  score_s = time.time() - t0
-
-  # the tables
-  topic_ids = sorted(set(held.topic_n.tolist()))
-  per_doc: dict[str, np.ndarray] = {"doc_id": np.asarray(held.doc_ids), "topic": held.topic_n,
-                                    "own_expert": oracle_n.astype(np.int64), "length": len_n}
-  by_prefix = {}
-  for p in ps:
-    start_n = np.full((n,), p + len(bos), np.int64)
-    tab: dict[str, Any] = {"ppl": {}, "ppl_per_topic": {}, "routing_accuracy": {},
-                           "routing_accuracy_per_topic": {}}
-    for row in rows:
-      model, key_ng, w_ng = row_spec(row, p)
-      codes = doc_ng(key_ng.shape[1]) * (all_key + 2) + key_ng + 1
-      pair_ng = np.searchsorted(index[model], codes)
-      nll, cnt = mixture_scores(lp[model], len_n, pair_ng, w_ng, start_n)
-      tab["ppl"][row] = perplexity(nll, cnt)
-      tab["ppl_per_topic"][row] = {str(t): v for t, v in by_group(nll, cnt, held.topic_n).items()}
-      per_doc[f"p{p}.{row}.nll"], per_doc[f"p{p}.{row}.tokens"] = nll, cnt
-      if row in fixed:
-        tab["routing_accuracy"][row] = None
-        continue
-      top1 = routes[p][row].top1.astype(np.int64)
-      hit = top1 == oracle_n
-      tab["routing_accuracy"][row] = float(hit.mean())
-      tab["routing_accuracy_per_topic"][row] = {str(t): float(hit[held.topic_n == t].mean())
-                                                for t in topic_ids}
-      if row != "oracle":
-        per_doc[f"p{p}.{row}.experts"] = key_ng
-        per_doc[f"p{p}.{row}.weights"] = w_ng.astype(np.float32)
-    tab["tokens"] = int(cnt.sum())
-    tab["tokens_per_topic"] = {str(t): int(cnt[held.topic_n == t].sum()) for t in topic_ids}
-    tab["docs_per_topic"] = {str(t): int((held.topic_n == t).sum()) for t in topic_ids}
-    by_prefix[str(p)] = tab
+  models, has_lora_all = _models(config, wd, store, lora, all_key, cfg, params, fp)
+  rows = table_rows(models, has_lora_all, modes, routes, n, all_key)
+  scored = score_pairs(models, rows, ps, docs.seqs, docs.length, cfg=cfg, all_key=all_key,
+                       batch=int(config.eval.batch), progress=progress)
+  per_doc: dict[str, np.ndarray] = {"doc_id": np.asarray(docs.held.doc_ids), "topic": docs.held.topic_n,
+                                    "own_expert": oracle_n.astype(np.int64), "length": docs.len_n}
+  by_prefix = {str(p): prefix_table(p, rows, scored, len_n=docs.len_n, topic_n=docs.held.topic_n,
+                                    start=p + docs.n_bos, oracle_n=oracle_n, per_doc=per_doc) for p in ps}
 
   coverage = coverage_report(config, eval_dir(wd), routers=routers, embedder=embedder, tokenizer=tokenizer,
                              routes=routes, per_doc=per_doc, fallbacks=[r for r in ("base", "lora_all")
-                                                                        if r in fixed], log=log)
+                                                                        if r in rows.fixed], log=log)
+  held = docs.held
   results = {
-      "coverage": coverage, "prefix_tokens": list(ps), "rows": rows, "topics": topic_ids, "docs": n,
-      "heldout_docs": held.total, "docs_too_short": held.too_short, "max_len": max_len,
+      "coverage": coverage, "prefix_tokens": list(ps), "rows": rows.names,
+      "topics": sorted(set(held.topic_n.tolist())), "docs": n,
+      "heldout_docs": held.total, "docs_too_short": held.too_short, "max_len": docs.max_len,
       "expert_of_topic": {str(t): int(e) for t, e in enumerate(eot_k)},
       "by_prefix": by_prefix,
       "route": {**RouterConfig.from_config(config).to_json(), "modes": list(modes)},
       "lora": {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)},
-      "compute": row_compute(wd, rows, cfg, int(config.dataset.seq_len)),
-      "base_fingerprint": fp, "pairs_scored": int(n_pairs), "scoring_seconds": round(score_s, 1),
+      "compute": row_compute(wd, rows.names, cfg, int(config.dataset.seq_len)),
+      "base_fingerprint": fp, "pairs_scored": scored.pairs, "scoring_seconds": round(scored.seconds, 1),
       "seconds": round(time.time() - t_start, 1),
       "diverged": divergence.load(wd),  # experts that diverged in training (marked in the table)
   }
   out = eval_dir(wd)
   if is_main_process():  # every process computed the same tables; one writes them
-    mio.save_arrays(out / PER_DOC_NPZ, per_doc)
-    plots.plot_perplexity(results, save_dir=out)
-    plots.plot_prefix_effect(results, save_dir=out)
-    mio.atomic_write_json(out / RESULTS_JSON, results)
+    _write_outputs(out, per_doc, results)
   log(f"mixie.evaluate: {n} held-out documents ({held.too_short} with <= {ps[-1]} tokens left out"
-      f"{f', a subset of {held.total}' if held.total > n + held.too_short else ''}), {n_pairs} "
-      f"(document, expert) pairs scored in {score_s:.0f}s; results in {out}")
+      f"{f', a subset of {held.total}' if held.total > n + held.too_short else ''}), {scored.pairs} "
+      f"(document, expert) pairs scored in {scored.seconds:.0f}s; results in {out}")
   return results
 
 
-# ---------------------------------------------------------------------------------------------------
-# Text.
+@dataclasses.dataclass
+class _Docs:
+  """The held-out documents as the model sees them: [BOS] tokens EOS, cut to the training row length."""
+
+  held: HeldOut
+  seqs: list[list[int]]
+  len_n: np.ndarray  # int64 [n]: tokens of each sequence
+  length: int  # the one padded row length every sequence is scored at (one compile)
+  max_len: int  # the row length they were cut to
+  n_bos: int  # 1 when a BOS leads each sequence, else 0
 
 
-def format_table(results: dict[str, Any]) -> str:
-  """The tables (one per P) as aligned text (per-topic columns: `shown_topics`)."""
-  topics = shown_topics(results)
-  bad_rows, bad_topics, footnote = divergence.table_marks(results)  # diverged in training: marked
-  mark = lambda name, bad: name + (divergence.MARK if bad else "")  # noqa: E731
+def _model_docs(config, ps: tuple[int, ...], cfg, tokenizer) -> _Docs:
+  """The held-out documents with more than max(P) tokens, as token sequences of the base."""
+  held = heldout_set(config, ps[-1] + 1)
+  bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
+  max_len = min(int(config.dataset.seq_len), cfg.max_seq_len)
+  seqs = [(bos + doc.tolist() + [tokenizer.eos_ids[0]])[:max_len] for doc in held.tokens]
+  len_n = np.asarray([len(s) for s in seqs], np.int64)
+  return _Docs(held=held, seqs=seqs, len_n=len_n, length=min(bucket(int(len_n.max())), cfg.max_seq_len),
+               max_len=max_len, n_bos=len(bos))
 
-  def line(label, overall, per_topic, acc=""):
-    return f"{label:<14}{overall:>10}" + "".join(f"{v:>10}" for v in per_topic) + f"{acc:>7}"
 
-  lines = ["held-out perplexity on the tokens after the first P (the router sees only those P; "
-           "oracle = each document's own topic's expert; acc = routed to that expert)"]
-  if len(topics) < len(results["topics"]):
-    lines.append(f"(the {len(topics)} of {len(results['topics'])} topics with the most documents; every "
-                 "topic is in eval/results.json)")
-  for p in results["prefix_tokens"]:
-    tab = results["by_prefix"][str(p)]
-    head = line(f"P={p}", "overall", [mark(f"topic {t}", t in bad_topics) for t in topics], "acc")
-    lines += ["", head, "-" * len(head),
-              line("docs", results["docs"], [tab["docs_per_topic"][t] for t in topics]),
-              line("tokens", tab["tokens"], [tab["tokens_per_topic"][t] for t in topics])]
-    for row in results["rows"]:
-      acc = tab["routing_accuracy"][row]
-      ppl = [f"{tab['ppl_per_topic'][row][t]:.3f}" for t in topics]
-      lines.append(line(mark(row, row in bad_rows), f"{tab['ppl'][row]:.3f}", ppl,
-                        "-" if acc is None else f"{acc:.3f}"))
-  if results.get("compute"):
-    lines += ["", "training compute (mixie.compute: tokens trained on, model FLOPs)",
-              f"{'row':<14}{'tokens':>14}{'FLOPs':>12}"]
-    for row in results["rows"]:
-      c = results["compute"].get(row, {})
-      tok = "-" if c.get("tokens") is None else str(c["tokens"])
-      lines.append(f"{row:<14}{tok:>14}{format_flops(c.get('flops')):>12}")
-  return "\n".join(lines + ([footnote] if footnote else []))
+def _models(config, wd, store, lora, all_key: int, cfg, params, fp: str) -> tuple[dict[str, tuple], bool]:
+  """The scored models by name, each `(params, ExpertCache)`: `base` (with the experts and lora_all),
+  and, when trained, `full` (continued pre-training) and `wide` (lora_all_wide, its own rank: its own
+  cache); and whether lora_all was trained."""
+  batch, sharding = int(config.eval.batch), _replicated_like(params)
+  lora_all_store = run_store(wd, "lora_all")
+  cache = ExpertCache(cfg, lora, _Experts(store, lora_all_store, all_key, lora, fp), batch, sharding=sharding)
+  models = {"base": (params, cache)}
+  full = load_full(wd, params, fp)
+  if full is not None:
+    models["full"] = (full, cache)
+  wide_store = run_store(wd, "lora_all_wide")
+  if 0 in wide_store:
+    wide = wide_store.lora()
+    models["wide"] = (params, ExpertCache(cfg, wide, lambda key: wide_store.load(0, fp, wide)[0], batch,
+                                          sharding=sharding))
+  return models, 0 in lora_all_store
+
+
+def _write_outputs(out, per_doc: dict[str, np.ndarray], results: dict[str, Any]) -> None:
+  """per_doc.npz, the two plots, then results.json."""
+  mio.save_arrays(out / PER_DOC_NPZ, per_doc)
+  plots.plot_perplexity(results, save_dir=out)
+  plots.plot_prefix_effect(results, save_dir=out)
+  mio.atomic_write_json(out / RESULTS_JSON, results)

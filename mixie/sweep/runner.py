@@ -40,7 +40,8 @@ from typing import Any, Callable, Sequence
 from mixie import io as mio
 from mixie.cluster.topics import run_cluster, step_settings, summary_line
 from mixie.errors import ConfigError
-from mixie.evaluate.run import evaluate, format_table
+from mixie.evaluate.run import evaluate
+from mixie.evaluate.tables import format_table
 from mixie.sweep import report
 from mixie.sweep import spec as sp
 from mixie.train.main import _inputs_missing  # the main job's rule for "topics or dataset missing"

@@ -116,159 +116,248 @@ def train_loop(spec: TrainSpec, mesh: Mesh, rules, base, loader, scheduler: Expe
   comp = compile_fns(spec, mesh, rules, jax.eval_shape(lambda: base))
   if hasattr(loader, "set_local_slots"):  # read only the slots whose rows this process's devices hold
     loader.set_local_slots(local_slots(comp.batch_shardings["tokens"], (spec.slots, mesh.devices.size, 1)))
-  frozen = base if spec.lora_mode else None  # "full" trains the base itself
   ckpt = ckpt_lib.TrainCheckpointer(ckpt_dir, max_to_keep=keep_checkpoints)
-  mode = spec.mode
-  E = spec.slots
-  monitor = DivergenceMonitor(divergence or DivergenceRule())  # host floats of the metrics fetched anyway
   try:
-    latest = ckpt.latest_step()
-    if latest is not None:
-      target = ckpt_lib.abstract_with_shardings(abstract_state(spec, jax.eval_shape(lambda: base)),
-                                                comp.state_shardings)
-      state, host = ckpt.restore(latest, target)
-      if host.get("mode") != mode:
-        raise MixieError(f"{ckpt.dir}: checkpoint of mode {host.get('mode')!r}, this run trains {mode!r}")
-      scheduler.restore(host["scheduler"])
-      monitor.restore(host.get("divergence"))
-      loader.restore(host["loader"])
-      step, tokens_total = int(host["step"]), int(host["tokens"])
-      if metrics is not None:
-        metrics.truncate_after(mode, step)
-      print(f"mixie.train[{mode}]: resumed from {ckpt.dir} at step {step}", flush=True)
-    else:
-      scheduler.fill()
-      topics_e = np.asarray(scheduler.slot_topic, np.int32)
-      horizon_e = np.asarray([scheduler.horizon_steps(t, tokens_per_step) if t >= 0 else 1
-                              for t in topics_e], np.int32)
-      for e, t in enumerate(topics_e):
-        loader.set_slot(e, int(t))
-      state = create_state(spec, mesh, rules, base, np.maximum(topics_e, 0), horizon_e, comp)
-      if init_params is not None:  # branched experts start from the seed adapter
-        state = branch.start_from(state, init_params, topics_e >= 0)
-      step, tokens_total = 0, 0
-
-    total_steps = _estimate_steps(scheduler, tokens_per_step, E)
-    bar = None
-    if progress and is_main_process():
-      bar = tqdm(total=total_steps, initial=min(step, total_steps), desc=f"train[{mode}]", unit="step",
-                 dynamic_ncols=True)
-
-    pending: list[dict] = []  # dispatched steps whose metrics were not looked at yet
-    last_loss = [float("nan")] * E
-    written: list[int] = []
-    t_start, tok_start = time.time(), tokens_total
-    t_log, tok_log = t_start, tokens_total
-
-    def check(upto_all: bool):
-      """Looks at pending metrics (all, or all but the newest); raises on a non-finite loss."""
-      nonlocal t_log, tok_log
-      keep = 0 if upto_all else 1
-      while len(pending) > keep:
-        p = pending.pop(0)
-        m = to_host(p["metrics"])
-        bad = [e for e in range(E) if m["tokens"][e] > 0 and not math.isfinite(float(m["loss"][e]))]
-        if bad:
-          topics = [p["topics"][e] for e in bad]
-          where = f"; the last good checkpoint is step {ckpt.latest_step()} in {ckpt.dir}" \
-              if ckpt.latest_step() is not None else "; no checkpoint was saved yet"
-          raise NonFiniteLoss(
-              f"train[{mode}] step {p['step']}: non-finite loss ({', '.join(str(m['loss'][e]) for e in bad)})"
-              f" for expert(s) of topic(s) {topics} in slot(s) {bad}{where}; nothing after it was saved. "
-              "Lower train.lr, enable train.grad_clip, or check the data of these topics")
-        for e in range(E):
-          if m["tokens"][e] > 0:
-            last_loss[e] = float(m["loss"][e])
-            monitor.observe(p["topics"][e], last_loss[e], float(m["grad_norm"][e]))
-        if metrics is not None and (p["step"] % log_every == 0 or p["final"]):
-          now = time.time()
-          active = m["tokens"] > 0
-          rec = {"mode": mode, "step": p["step"], "tokens": p["tokens_total"],
-                 "tokens_per_s": (p["tokens_total"] - tok_log) / max(now - t_log, 1e-9),
-                 "loss_mean": float(m["loss"][active].mean()) if active.any() else None,
-                 "experts": [{"slot": e, "topic": int(p["topics"][e]), "loss": float(m["loss"][e]),
-                              "tokens": int(m["tokens"][e]), "grad_norm": float(m["grad_norm"][e]),
-                              "lr": float(m["lr"][e])} for e in range(E) if m["tokens"][e] > 0]}
-          metrics.write(rec)
-          t_log, tok_log = now, p["tokens_total"]
-
-    def save(s: int):
-      check(upto_all=True)
-      if ckpt.latest_step() == s:
-        return
-      host = {"mode": mode, "step": s, "tokens": tokens_total, "loader": loader.state(),
-              "scheduler": scheduler.state(), "divergence": monitor.state()}
-      ckpt.save(s, state, host)
-      if on_saved is not None:
-        ckpt.wait()
-        on_saved(s)
-
+    run = _Run(spec=spec, comp=comp, ckpt=ckpt, loader=loader, scheduler=scheduler, metrics=metrics,
+               log_every=log_every, on_saved=on_saved, tokens_per_step=tokens_per_step,
+               init_params=init_params,
+               monitor=DivergenceMonitor(divergence or DivergenceRule()))  # host floats fetched anyway
+    if not run.resume(jax.eval_shape(lambda: base)):
+      run.start(mesh, rules, base)
+    bar = _progress_bar(run) if progress and is_main_process() else None
+    run.start_clock()
+    frozen = base if spec.lora_mode else None  # "full" trains the base itself
     status = "finished"
     while not scheduler.finished:
-      if max_steps and step >= max_steps:
+      if max_steps and run.step >= max_steps:
         status = "max_steps"
         break
       if stop is not None and stop():
-        save(step)
+        run.save()
         ckpt.wait()
         status = "preempted"
         break
-      batch = loader.next_batch()
-      tokens_e = np.asarray(batch["slot_tokens"], np.int64)
-      dev = _put_batch({"tokens": batch["inputs"], "targets": batch["targets"],
-                        "loss_mask": batch["loss_mask"]}, comp.batch_shardings)
-      topics_now = list(scheduler.slot_topic)
-      state, m = comp.step(state, frozen, dev)
-      step += 1
-      tokens_total += int(tokens_e.sum())
-      done = scheduler.add_tokens(tokens_e)
-      pending.append({"step": step, "metrics": m, "topics": topics_now, "tokens_total": tokens_total,
-                      "final": bool(done)})
-      check(upto_all=bool(done))
+      done = run.train_step(frozen)
       if done:
-        params = _gather_slots(state["params"], done)
-        for i, e in enumerate(done):
-          topic = scheduler.release(e)
-          monitor.finish(topic)
-          if store is not None and is_main_process():
-            expert = jax.tree.map(lambda x: x[i], params)
-            meta = ExpertMeta.new(spec.lora, fingerprint, tokens_seen=scheduler.slot_tokens[e],
-                                  final_loss=last_loss[e], mode=mode, steps=step,
-                                  **(expert_meta(topic) if expert_meta is not None else {}))
-            store.write(topic, expert, meta)
-          written.append(topic)
-        new = scheduler.fill()
-        for e in done:
-          loader.set_slot(e, new.get(e, -1))
-        if new:
-          mask = np.zeros(E, bool)
-          topics = np.zeros(E, np.int32)
-          horizon = np.ones(E, np.int32)
-          for e, t in new.items():
-            mask[e], topics[e], horizon[e] = True, t, scheduler.horizon_steps(t, tokens_per_step)
-          e_sh = comp.state_shardings["topic"]  # [E] over the expert axis, as reset takes them
-          state = comp.reset(state, base, *(_place(x, e_sh) for x in (mask, topics, horizon)))
-          if init_params is not None:
-            state = branch.start_from(state, init_params, mask)
+        run.finish_experts(done, store, fingerprint, expert_meta)
+        run.refill(done, base)
       if bar is not None:
-        bar.update(1)
-        el = time.time() - t_start
-        bar.set_postfix(tok_s=f"{(tokens_total - tok_start) / max(el, 1e-9):.0f}",
-                        experts=f"{len(scheduler.done)}/{len(scheduler.order)}", refresh=False)
-      if step % checkpoint_every == 0 or scheduler.finished:
-        save(step)
-      fault_point(step, ckpt.wait)
-    check(upto_all=True)
+        run.show(bar)
+      if run.step % checkpoint_every == 0 or scheduler.finished:
+        run.save()
+      fault_point(run.step, ckpt.wait)
+    run.check(upto_all=True)
     if status == "max_steps":
-      save(step)
+      run.save()
     if bar is not None:
       bar.close()
     ckpt.wait()
-    return LoopResult(status=status, step=step, tokens=tokens_total - tok_start,
-                      seconds=time.time() - t_start, state=state, written=written,
-                      diverged=dict(monitor.diverged), tokens_total=tokens_total)
+    return run.result(status)
   finally:
     ckpt.close()
+
+
+@dataclasses.dataclass
+class _Run:
+  """One `train_loop` call: what it trains with, and the state it carries from step to step."""
+  spec: TrainSpec
+  comp: Any  # the compiled step, reset and shardings (`compile_fns`)
+  ckpt: ckpt_lib.TrainCheckpointer
+  loader: Any
+  scheduler: ExpertScheduler
+  monitor: DivergenceMonitor
+  metrics: MetricsWriter | None
+  log_every: int
+  on_saved: Callable[[int], None] | None
+  tokens_per_step: int
+  init_params: Any
+  state: Any = None  # the train state (on device)
+  step: int = 0
+  tokens_total: int = 0  # tokens of the whole run, earlier calls (before a resume) included
+  pending: list = dataclasses.field(default_factory=list)  # dispatched steps whose metrics were not looked at
+  last_loss: list = dataclasses.field(default_factory=list)  # [E] host loss of each slot's newest step
+  written: list = dataclasses.field(default_factory=list)  # topics written to the store by this call
+  t_start: float = 0.0  # wall clock and tokens_total when training started (tokens/s of the bar)
+  tok_start: int = 0
+  t_log: float = 0.0  # wall clock and tokens_total of the last metrics record (its tokens/s)
+  tok_log: int = 0
+
+  @property
+  def mode(self) -> str:
+    """The training mode (recorded in checkpoints, metrics and expert metadata)."""
+    return self.spec.mode
+
+  def resume(self, base_shapes) -> bool:
+    """Restores state, scheduler, divergence monitor and loader from the newest checkpoint; False
+    when there is none."""
+    latest = self.ckpt.latest_step()
+    if latest is None:
+      return False
+    target = ckpt_lib.abstract_with_shardings(abstract_state(self.spec, base_shapes),
+                                              self.comp.state_shardings)
+    self.state, host = self.ckpt.restore(latest, target)
+    if host.get("mode") != self.mode:
+      raise MixieError(f"{self.ckpt.dir}: checkpoint of mode {host.get('mode')!r}, "
+                       f"this run trains {self.mode!r}")
+    self.scheduler.restore(host["scheduler"])
+    self.monitor.restore(host.get("divergence"))
+    self.loader.restore(host["loader"])
+    self._begin(int(host["step"]), int(host["tokens"]))
+    if self.metrics is not None:
+      self.metrics.truncate_after(self.mode, self.step)
+    print(f"mixie.train[{self.mode}]: resumed from {self.ckpt.dir} at step {self.step}", flush=True)
+    return True
+
+  def start(self, mesh: Mesh, rules, base) -> None:
+    """A fresh state, its slots filled with the first scheduled topics."""
+    self.scheduler.fill()
+    for e, t in enumerate(self.scheduler.slot_topic):
+      self.loader.set_slot(e, int(t))
+    mask, topics, horizon = self._slot_arrays({e: int(t) for e, t in enumerate(self.scheduler.slot_topic)
+                                               if t >= 0})
+    self.state = create_state(self.spec, mesh, rules, base, topics, horizon, self.comp)
+    if self.init_params is not None:  # branched experts start from the seed adapter
+      self.state = branch.start_from(self.state, self.init_params, mask)
+    self._begin(0, 0)
+
+  def _begin(self, step: int, tokens_total: int) -> None:
+    self.step, self.tokens_total = step, tokens_total
+    self.last_loss = [float("nan")] * self.spec.slots
+
+  def start_clock(self) -> None:
+    """Marks the start of training (tokens/s of the bar and of the first metrics record)."""
+    self.t_start = self.t_log = time.time()
+    self.tok_start = self.tok_log = self.tokens_total
+
+  def _slot_arrays(self, new: Mapping[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`[E]` (mask, topic, horizon steps) of the slots in `new` (slot -> topic); other slots hold
+    (False, 0, 1)."""
+    E = self.spec.slots
+    mask, topics, horizon = np.zeros(E, bool), np.zeros(E, np.int32), np.ones(E, np.int32)
+    for e, t in new.items():
+      mask[e], topics[e], horizon[e] = True, t, self.scheduler.horizon_steps(t, self.tokens_per_step)
+    return mask, topics, horizon
+
+  def train_step(self, frozen) -> list[int]:
+    """Dispatches one step on the next batch (no device round trip) and looks at the metrics of the
+    step before it (or of all steps, when experts finish); returns the slots whose experts finished."""
+    batch = self.loader.next_batch()
+    tokens_e = np.asarray(batch["slot_tokens"], np.int64)
+    dev = _put_batch({"tokens": batch["inputs"], "targets": batch["targets"],
+                      "loss_mask": batch["loss_mask"]}, self.comp.batch_shardings)
+    topics_now = list(self.scheduler.slot_topic)
+    self.state, m = self.comp.step(self.state, frozen, dev)
+    self.step += 1
+    self.tokens_total += int(tokens_e.sum())
+    done = self.scheduler.add_tokens(tokens_e)
+    self.pending.append({"step": self.step, "metrics": m, "topics": topics_now,
+                         "tokens_total": self.tokens_total, "final": bool(done)})
+    self.check(upto_all=bool(done))
+    return done
+
+  def check(self, upto_all: bool) -> None:
+    """Looks at pending metrics (all, or all but the newest); raises on a non-finite loss."""
+    keep = 0 if upto_all else 1
+    while len(self.pending) > keep:
+      p = self.pending.pop(0)
+      m = to_host(p["metrics"])
+      self._check_finite(p, m)
+      for e in range(self.spec.slots):
+        if m["tokens"][e] > 0:
+          self.last_loss[e] = float(m["loss"][e])
+          self.monitor.observe(p["topics"][e], self.last_loss[e], float(m["grad_norm"][e]))
+      if self.metrics is not None and (p["step"] % self.log_every == 0 or p["final"]):
+        self._log(p, m)
+
+  def _check_finite(self, p: dict, m: dict) -> None:
+    """`NonFiniteLoss` naming the step, topics, slots and the last good checkpoint, if any slot with
+    tokens has a NaN or infinite loss."""
+    bad = [e for e in range(self.spec.slots) if m["tokens"][e] > 0 and not math.isfinite(float(m["loss"][e]))]
+    if not bad:
+      return
+    topics = [p["topics"][e] for e in bad]
+    ckpt = self.ckpt
+    where = f"; the last good checkpoint is step {ckpt.latest_step()} in {ckpt.dir}" \
+        if ckpt.latest_step() is not None else "; no checkpoint was saved yet"
+    raise NonFiniteLoss(
+        f"train[{self.mode}] step {p['step']}: non-finite loss ({', '.join(str(m['loss'][e]) for e in bad)})"
+        f" for expert(s) of topic(s) {topics} in slot(s) {bad}{where}; nothing after it was saved. "
+        "Lower train.lr, enable train.grad_clip, or check the data of these topics")
+
+  def _log(self, p: dict, m: dict) -> None:
+    """One metrics record of a looked-at step: tokens/s since the last record, per-expert figures."""
+    now = time.time()
+    active = m["tokens"] > 0
+    rec = {"mode": self.mode, "step": p["step"], "tokens": p["tokens_total"],
+           "tokens_per_s": (p["tokens_total"] - self.tok_log) / max(now - self.t_log, 1e-9),
+           "loss_mean": float(m["loss"][active].mean()) if active.any() else None,
+           "experts": [{"slot": e, "topic": int(p["topics"][e]), "loss": float(m["loss"][e]),
+                        "tokens": int(m["tokens"][e]), "grad_norm": float(m["grad_norm"][e]),
+                        "lr": float(m["lr"][e])} for e in range(self.spec.slots) if m["tokens"][e] > 0]}
+    self.metrics.write(rec)
+    self.t_log, self.tok_log = now, p["tokens_total"]
+
+  def finish_experts(self, done: list[int], store: ExpertStore | None, fingerprint: str,
+                     expert_meta: Callable[[int], Mapping] | None) -> None:
+    """Releases the finished slots' topics, judges them for divergence and writes their experts (only
+    those slots leave the devices) to the store."""
+    params = _gather_slots(self.state["params"], done)
+    for i, e in enumerate(done):
+      topic = self.scheduler.release(e)
+      self.monitor.finish(topic)
+      if store is not None and is_main_process():
+        expert = jax.tree.map(lambda x: x[i], params)
+        meta = ExpertMeta.new(self.spec.lora, fingerprint, tokens_seen=self.scheduler.slot_tokens[e],
+                              final_loss=self.last_loss[e], mode=self.mode, steps=self.step,
+                              **(expert_meta(topic) if expert_meta is not None else {}))
+        store.write(topic, expert, meta)
+      self.written.append(topic)
+
+  def refill(self, done: list[int], base) -> None:
+    """Starts the next scheduled topics on the freed slots (fresh LoRA and optimizer state, or the seed
+    adapter); a slot with no topic left idles."""
+    new = self.scheduler.fill()
+    for e in done:
+      self.loader.set_slot(e, new.get(e, -1))
+    if not new:
+      return
+    e_sh = self.comp.state_shardings["topic"]  # [E] over the expert axis, as reset takes them
+    mask, topics, horizon = self._slot_arrays(new)
+    self.state = self.comp.reset(self.state, base, *(_place(x, e_sh) for x in (mask, topics, horizon)))
+    if self.init_params is not None:
+      self.state = branch.start_from(self.state, self.init_params, mask)
+
+  def save(self) -> None:
+    """Checkpoints the current step (after checking every pending metric), unless it already is."""
+    self.check(upto_all=True)
+    if self.ckpt.latest_step() == self.step:
+      return
+    host = {"mode": self.mode, "step": self.step, "tokens": self.tokens_total, "loader": self.loader.state(),
+            "scheduler": self.scheduler.state(), "divergence": self.monitor.state()}
+    self.ckpt.save(self.step, self.state, host)
+    if self.on_saved is not None:
+      self.ckpt.wait()
+      self.on_saved(self.step)
+
+  def show(self, bar) -> None:
+    """Advances the progress bar by one step: tokens/s since the start, experts done."""
+    bar.update(1)
+    el = time.time() - self.t_start
+    bar.set_postfix(tok_s=f"{(self.tokens_total - self.tok_start) / max(el, 1e-9):.0f}",
+                    experts=f"{len(self.scheduler.done)}/{len(self.scheduler.order)}", refresh=False)
+
+  def result(self, status: str) -> LoopResult:
+    """The `LoopResult` of this call."""
+    return LoopResult(status=status, step=self.step, tokens=self.tokens_total - self.tok_start,
+                      seconds=time.time() - self.t_start, state=self.state, written=self.written,
+                      diverged=dict(self.monitor.diverged), tokens_total=self.tokens_total)
+
+
+def _progress_bar(run: _Run) -> tqdm:
+  """The tqdm bar of a run, sized by the whole schedule and starting at its current step."""
+  total_steps = _estimate_steps(run.scheduler, run.tokens_per_step, run.spec.slots)
+  return tqdm(total=total_steps, initial=min(run.step, total_steps), desc=f"train[{run.mode}]", unit="step",
+              dynamic_ncols=True)
 
 
 def _estimate_steps(scheduler: ExpertScheduler, tokens_per_step: int, slots: int) -> int:

@@ -42,7 +42,8 @@ from mixie.data.loader import PackedLoader, resolve_small_topics
 from mixie.distributed import barrier, is_main_process, to_host
 from mixie.dtypes import check_model_dtypes
 from mixie.errors import ConfigError, check
-from mixie.evaluate.run import evaluate, format_table, validate_eval_config
+from mixie.evaluate.run import evaluate, validate_eval_config
+from mixie.evaluate.tables import format_table
 from mixie.model.checkpoint import fingerprint
 from mixie.model.load import load_base
 from mixie.model.lora import LoraConfig
