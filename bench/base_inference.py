@@ -112,13 +112,10 @@ def cpu_bench(batches, prompt, new, repeats, torch_threads=()):
   import transformers
 
   from mixie import assets
-  from mixie.model import checkpoint
-  from mixie.model.tokenizer import Tokenizer
+  from mixie.model.load import load_gguf
 
   path = assets.smollm2_gguf()
-  reader = checkpoint.open_gguf(path)
-  cfg, params = checkpoint.load_gguf(path, reader=reader)
-  tok = Tokenizer.from_gguf(path, reader=reader)
+  cfg, params, tok = load_gguf(path)
   hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                          dtype=torch.float32).eval()
   docs = json.loads(assets.wiki_summaries_json().read_text())

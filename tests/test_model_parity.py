@@ -20,8 +20,9 @@ from jax.sharding import NamedSharding
 from mixie import assets
 from mixie.model import checkpoint, generate as gen
 from mixie.model.llama import bind, forward, init_cache, param_at, param_axes
+from mixie.model.load import load_gguf
 from mixie.model.lora import LoraConfig, expert_shapes
-from mixie.model.tokenizer import Tokenizer, pad_right
+from mixie.model.tokenizer import pad_right
 from mixie.sharding import make_mesh, tree_shardings
 from hf_parity import assert_greedy_matches_hf
 
@@ -245,9 +246,7 @@ def test_sampling_filters_and_frequencies():
 def smollm2():
   """Ours and transformers' SmolLM2 from the same GGUF, two real prompts, and HF's greedy outputs."""
   path = assets.smollm2_gguf()
-  reader = checkpoint.open_gguf(path)
-  cfg, params = checkpoint.load_gguf(path, reader=reader)
-  tok = Tokenizer.from_gguf(path, reader=reader)
+  cfg, params, tok = load_gguf(path)
   hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                          dtype=torch.float32).eval()
   docs = json.loads(assets.wiki_summaries_json().read_text())

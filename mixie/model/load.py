@@ -80,6 +80,14 @@ def load_tokenizer(source: str, path: str = "", preset: str = "") -> Tokenizer:
   raise _unknown_source(source)
 
 
+def load_gguf(path: pathlib.Path, *, shardings=None, **numerics) -> tuple[LlamaConfig, Params, Tokenizer]:
+  """The config, weights and tokenizer of GGUF file `path`, from one read of its metadata (`numerics`:
+  dtype, param_dtype, attention_impl as `checkpoint.load_gguf` takes them)."""
+  reader = checkpoint.open_gguf(path)
+  cfg, params = checkpoint.load_gguf(path, reader=reader, shardings=shardings, **numerics)
+  return cfg, params, Tokenizer.from_gguf(path, reader=reader)
+
+
 def load_base(mc, *, mesh: jax.sharding.Mesh | None = None, rules=(), seed: int = 0
               ) -> tuple[LlamaConfig, Params, Tokenizer | None]:
   """Loads the base named by config section `mc` (fields source, path, preset, dtype, param_dtype,
@@ -95,10 +103,7 @@ def load_base(mc, *, mesh: jax.sharding.Mesh | None = None, rules=(), seed: int 
 
   source = mc.source
   if source == "gguf":  # weights and tokenizer from one read of the file's metadata
-    path = pathlib.Path(mc.path) if mc.path else assets.smollm2_gguf()
-    reader = checkpoint.open_gguf(path)
-    cfg, params = checkpoint.load_gguf(path, reader=reader, shardings=shardings, **num)
-    return cfg, params, Tokenizer.from_gguf(path, reader=reader)
+    return load_gguf(pathlib.Path(mc.path) if mc.path else assets.smollm2_gguf(), shardings=shardings, **num)
   if source == "hf":
     tok = load_tokenizer("hf", mc.path)  # checks model.path; fails before the weights are read
     cfg, params = checkpoint.load_hf(mc.path, shardings=shardings, **num)
