@@ -40,10 +40,16 @@ PROFILES: dict[str, dict[str, list[str]]] = {
     "kmeans": {
         "default": ["--n", "20000", "--d", "128", "--k", "128", "--iters", "10"],
         "smoke": ["--n", "4000", "--d", "32", "--k", "16", "--iters", "3"]},
+    "route_log": {
+        "default": ["--rows", "8", "--prompt-len", "32", "--new-tokens", "8", "--reps", "2"],
+        "smoke": ["--quick", "--rows", "4", "--prompt-len", "32", "--new-tokens", "3", "--reps", "1"]},
     "route_serve": {
         "default": ["--sections", "serve,route", "--rows", "8", "--prompt-len", "32", "--new-tokens", "8",
                     "--knn-docs", "100000", "--reps", "2"],
         "smoke": ["--sections", "serve,route", "--quick", "--model", "random", "--reps", "1"]},
+    "scale": {
+        "default": ["--experts", "50,500"],
+        "smoke": ["--experts", "50"]},
     "store_commit": {
         "default": ["--experts", "6,500", "--reps", "3"],
         "smoke": ["--experts", "6,50", "--reps", "1"]},
