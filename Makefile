@@ -32,7 +32,7 @@ demo: $(STAMP_RUN)
 	$(PY) -m mixie.train --config=configs/demo.py $(ARGS)
 
 test: $(STAMP_TEST)
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests $(ARGS)  # two workers, one file at a time each, longest first (tests/conftest.py)
 
 bench: $(STAMP_TEST)  # every benchmark's CPU section (~10-20 min on 2 cores) -> bench/results/<date>.json
 	$(PY) bench/run_all.py $(ARGS)

@@ -33,7 +33,10 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import json  # noqa: E402
+
 import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 from run_utils import write_tiny_hf_llama  # noqa: E402
 
@@ -51,6 +54,23 @@ TINY_RUN_OVERRIDES = {
 }
 
 
+def built_once(tmp_path_factory, name: str, build) -> dict:
+  """`build(directory)`'s JSON-able result, computed once per test session: with several pytest-xdist
+  workers the first to ask builds it under a file lock in the session's shared temporary directory and
+  the others read its result (a session fixture would otherwise be built once per worker)."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the session's directory, above each worker's own
+  result = root / f"{name}.json"
+  with FileLock(str(root / f"{name}.lock")):
+    if not result.exists():
+      out = root / name
+      shutil.rmtree(out, ignore_errors=True)  # a build that failed half-way in another worker
+      out.mkdir()
+      result.write_text(json.dumps(build(out)))
+  return json.loads(result.read_text())
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
   """A work directory after `python -m mixie.train --config=configs/demo.py:tiny` (with
@@ -58,7 +78,11 @@ def tiny_run(tmp_path_factory):
 
   Returns `{"workdir": Path, "hf": Path, "overrides": dict}`; read-only for the tests that use it.
   """
-  tmp = tmp_path_factory.mktemp("tiny_run")
+  res = built_once(tmp_path_factory, "tiny_run", _build_tiny_run)
+  return {"workdir": Path(res["workdir"]), "hf": Path(res["hf"]), "overrides": res["overrides"]}
+
+
+def _build_tiny_run(tmp: Path) -> dict:
   hf = write_tiny_hf_llama(tmp / "hf")
   workdir = tmp / "workdir"
   over = {**TINY_RUN_OVERRIDES, "model.path": str(hf)}
@@ -70,7 +94,7 @@ def tiny_run(tmp_path_factory):
         f"--config.{k}={v}" for k, v in over.items()]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"{stage} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-  return {"workdir": workdir, "hf": hf, "overrides": over}
+  return {"workdir": str(workdir), "hf": str(hf), "overrides": over}
 
 
 # --- a tiny two-point sweep, killed between its points and resumed (sweep, compute and notebook tests) --
@@ -99,7 +123,11 @@ def tiny_sweep(tmp_path_factory):
   Returns `{"dir": sweep dir, "hf": the base, "killed_output", "resumed_output", "before": snapshot of
   points/scratch and shared/ right after the kill, "after": the same after the resume}`.
   """
-  tmp = tmp_path_factory.mktemp("tiny_sweep")
+  res = built_once(tmp_path_factory, "tiny_sweep", _build_tiny_sweep)
+  return {**res, "dir": Path(res["dir"]), "hf": Path(res["hf"])}
+
+
+def _build_tiny_sweep(tmp: Path) -> dict:
   hf = write_tiny_hf_llama(tmp / "hf")
   sd = tmp / "sweep"
   env = dict(os.environ)
@@ -122,5 +150,19 @@ def tiny_sweep(tmp_path_factory):
   before = snap()
   r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, f"the resumed sweep failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-  return {"dir": sd, "hf": hf, "killed_output": killed, "resumed_output": r.stdout + r.stderr,
+  return {"dir": str(sd), "hf": str(hf), "killed_output": killed, "resumed_output": r.stdout + r.stderr,
           "before": before, "after": snap()}
+
+
+# --- scheduling under pytest-xdist (`make test` runs `-n 2 --dist loadfile --no-loadscope-reorder`) ---
+
+# The longest files first (each ~1-3 min on 2 cores), so that no long one starts last and runs alone.
+LONGEST_FIRST = ("test_multiprocess.py", "test_sweep.py", "test_scale.py", "test_lifecycle.py",
+                 "test_train_cli.py", "test_model_parity.py", "test_families.py", "test_analysis.py",
+                 "test_train_step.py", "test_divergence.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  """The longest files first (`--no-loadscope-reorder` keeps this order for xdist's workers)."""
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise kept
