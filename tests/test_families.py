@@ -79,7 +79,7 @@ def test_unknown_family_and_gguf_architecture():
   from mixie.errors import ConfigError
   with pytest.raises(ConfigError, match="model family 'gpt2'"):
     families.get("gpt2")
-  for arch in ("gpt2", "gemma", "gemma2"):
+  for arch in ("gpt2", "phi3", "gemma3"):
     with pytest.raises(MixieError, match=f"GGUF architecture '{arch}' is not supported"):
       families.for_gguf_architecture(arch, "x.gguf")
 

@@ -112,17 +112,51 @@ def gguf_config(reader, path: PathLike = "", **overrides) -> LlamaConfig:
   vocab = g("vocab_size", -1)
   if vocab == -1:
     vocab = len(gguf_value(reader, "tokenizer.ggml.tokens", path=path))
+  n_layers, head_dim = int(g("block_count")), int(g("attention.key_length", d_model // n_heads))
   try:
     return LlamaConfig(
-        vocab_size=int(vocab), d_model=d_model, n_layers=int(g("block_count")), n_heads=n_heads,
+        vocab_size=int(vocab), d_model=d_model, n_layers=n_layers, n_heads=n_heads,
         n_kv_heads=int(g("attention.head_count_kv", n_heads)), d_ff=int(g("feed_forward_length")),
-        head_dim=int(g("attention.key_length", d_model // n_heads)),
-        rope_theta=float(g("rope.freq_base", 10000.0)),
+        head_dim=head_dim, rope_theta=float(g("rope.freq_base", 10000.0)),
         rms_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings=fam.gguf_tensors["lm_head"] not in tensors,
-        max_seq_len=int(g("context_length", 2048)), family=fam.name, **overrides)
+        max_seq_len=int(g("context_length", 2048)), family=fam.name,
+        **_gguf_switches(fam, g, n_layers, d_model // n_heads, head_dim, path), **overrides)
   except ValueError as e:
     raise MixieError(f"{path}: inconsistent GGUF metadata ({e})") from None
+
+
+def _gguf_switches(fam: families.Family, g, n_layers: int, d_per_head: int, head_dim: int, path
+                   ) -> dict[str, Any]:
+  """The `LlamaConfig` switches of a GGUF file's family from its `<architecture>.*` metadata (`g`):
+  the window (llama.cpp's Gemma 2 alternates local and global layers, even layers local, as the row's
+  `alternating_window`), the soft-caps, and the query scale."""
+  out: dict[str, Any] = {}
+  if fam.sliding_window:
+    window, limit = int(g("attention.sliding_window", 0) or 0), int(g("context_length", 0) or 0)
+    pattern = g("attention.sliding_window_pattern", 2 if fam.alternating_window else 1)  # 1: every layer
+    if int(pattern) != (2 if fam.alternating_window else 1):
+      raise MixieError(f"{path}: GGUF {fam.gguf_architecture}.attention.sliding_window_pattern={pattern!r} "
+                       f"is not supported for the {fam.name} family")
+    if window and (not limit or window < limit):
+      out.update(sliding_window=window,
+                 local_layers=tuple(i % 2 == 0 for i in range(n_layers)) if fam.alternating_window else ())
+  if fam.soft_capping:
+    out.update(attn_softcap=float(g("attn_logit_softcapping", 0.0) or 0.0),
+               final_softcap=float(g("final_logit_softcapping", 0.0) or 0.0))
+  if fam.query_scale:
+    out["query_scale"] = gguf_query_scale(g("attention.scale", 0.0), n_layers, d_per_head, head_dim)
+  return out
+
+
+def gguf_query_scale(scale, n_layers: int, d_per_head: int, head_dim: int) -> float:
+  """Gemma 2's `query_pre_attn_scalar` q (scores scaled by q ** -0.5) of a GGUF file, which llama.cpp's
+  converter does not write: from `attention.scale` (= q ** -0.5) when the file has one, else llama.cpp's
+  rule by model size: d_model / n_heads for the 27B model (46 layers; q = 144), head_dim for every other
+  size (2B and 9B: 256, what their HF configs say)."""
+  if scale:
+    return 1.0 / float(scale) ** 2
+  return float(d_per_head if n_layers == 46 else head_dim)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,7 +291,10 @@ def _checked_gguf(path: pathlib.Path, reader=None, **overrides
   names = dict(fam.gguf_tensors)
   heads = {names[p].format(i=i): n for p, n in (("q", cfg.n_heads), ("k", cfg.n_kv_heads))
            for i in range(cfg.n_layers)} if fam.gguf_qk_permuted else {}
-  source = GGUFSource(reader, path, heads)
+  norms = [k for k in _KEEP_ORIENTATION if k.endswith("norm") and k in names]
+  shifts = {names[k].format(i=i): fam.norm_offset for k in norms
+            for i in range(cfg.n_layers if "{i}" in names[k] else 1)} if fam.gguf_norms_offset else {}
+  source = GGUFSource(reader, path, heads, shifts)
   specs = _leaf_specs(cfg, names)
   _validate(cfg, specs, source)
   return cfg, specs, source

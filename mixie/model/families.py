@@ -33,6 +33,7 @@ class Family:
   peft_modules: Mapping[str, str]  # projection -> module path under "model.layers.{i}."
   hf_ignored: tuple[str, ...] = ()  # suffixes of HF tensors that carry nothing the model needs
   gguf_qk_permuted: bool = True  # llama.cpp's converter permuted Q/K rows for RoPE (its Llama converter)
+  gguf_norms_offset: bool = False  # llama.cpp stored every RMSNorm weight as (norm_offset + w) (Gemma)
   norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + w): 1.0 for Gemma
   activation: str = "silu"  # gated MLP activation: "silu" or "gelu_tanh"
   qkv_bias: bool = False  # q/k/v projections have biases (Qwen2)
@@ -97,21 +98,27 @@ MISTRAL = dataclasses.replace(LLAMA, name="mistral", hf_architectures=("MistralF
                               gguf_architecture="", gguf_tensors={}, sliding_window=True)
 
 # Gemma: (1 + w) RMSNorm, GELU-tanh gated MLP, sqrt(d)-scaled (tied) embeddings, head_dim free of
-# d / n. HF safetensors only (llama.cpp's Gemma GGUF stores its norms as 1 + w: not read yet).
-# (transformers reads a Gemma config's hidden_act "gelu" as the tanh form: so does this row)
+# d / n. llama.cpp's converter writes it as "gemma" with Llama's tensor names, Q/K rows in HF's order and
+# every norm weight stored as 1 + w. (transformers reads a Gemma config's hidden_act "gelu" as the tanh
+# form: so does this row)
 GEMMA = dataclasses.replace(LLAMA, name="gemma", hf_architectures=("GemmaForCausalLM", "gemma"),
-                            gguf_architecture="", gguf_tensors={}, norm_offset=1.0, activation="gelu_tanh",
-                            embed_scale=True, hf_activation_aliases=("gelu",))
+                            gguf_architecture="gemma", gguf_qk_permuted=False, gguf_norms_offset=True,
+                            norm_offset=1.0, activation="gelu_tanh", embed_scale=True,
+                            hf_activation_aliases=("gelu",))
 
 # Gemma 2: Gemma plus soft-capped attention scores and logits, alternating local (windowed) and global
-# layers, query_pre_attn_scalar, and norms after attention and MLP (the pre-MLP norm is renamed). HF
-# safetensors only (llama.cpp's GGUF has Gemma's 1 + w norms and no query_pre_attn_scalar).
+# layers, query_pre_attn_scalar, and norms after attention and MLP (the pre-MLP norm is renamed). Its GGUF
+# ("gemma2") has Gemma's 1 + w norms, the caps and the window, but no query_pre_attn_scalar
+# (`mixie.model.checkpoint.gguf_query_scale` follows llama.cpp's rule).
 GEMMA2 = dataclasses.replace(
     GEMMA, name="gemma2", hf_architectures=("Gemma2ForCausalLM", "gemma2"), hf_activation_aliases=(),
+    gguf_architecture="gemma2",
     hf_tensors={**LLAMA.hf_tensors,
                 "mlp_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
                 "post_attn_norm": "model.layers.{i}.post_attention_layernorm.weight",
                 "post_mlp_norm": "model.layers.{i}.post_feedforward_layernorm.weight"},
+    gguf_tensors={**LLAMA.gguf_tensors, "post_attn_norm": "blk.{i}.post_attention_norm.weight",
+                  "post_mlp_norm": "blk.{i}.post_ffw_norm.weight"},
     sliding_window=True, alternating_window=True, soft_capping=True, query_scale=True, post_norms=True)
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, QWEN2, MISTRAL, GEMMA, GEMMA2)}

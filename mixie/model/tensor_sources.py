@@ -206,7 +206,8 @@ def gguf_value(reader, key: str, default: Any = None, *, path: PathLike = "") ->
 
 
 class GGUFSource(Source):
-  """Tensors of a GGUF file, dequantized to f32 per row range; Q and K rows un-permuted.
+  """Tensors of a GGUF file, dequantized to f32 per row range; Q and K rows un-permuted; norm weights
+  that llama.cpp stored as `offset + w` (Gemma) shifted back to `w`.
 
   llama.cpp's converter reorders each head's rows of the Q and K projections from HF's "rotate half"
   RoPE layout to interleaved pairs: file row `(p, i)` of a head (pair p < h/2, i in {0, 1}) is HF row
@@ -214,12 +215,14 @@ class GGUFSource(Source):
   order.
   """
 
-  def __init__(self, reader, path: pathlib.Path, permuted_heads: Mapping[str, int]):
+  def __init__(self, reader, path: pathlib.Path, permuted_heads: Mapping[str, int],
+               shifts: Mapping[str, float] | None = None):
     """`permuted_heads`: tensor name -> number of heads, for the Q and K tensors whose rows llama.cpp
-    permuted."""
+    permuted; `shifts`: tensor name -> the offset llama.cpp added to it (subtracted here, in f32)."""
     self.path = path
     self.tensors = {t.name: t for t in reader.tensors}
     self.heads = dict(permuted_heads)
+    self.shifts = dict(shifts or {})
 
   def names(self):
     """See `Source.names`."""
@@ -236,6 +239,11 @@ class GGUFSource(Source):
 
   def read(self, name, index):
     """See `Source.read`."""
+    w = self._read(name, index)
+    shift = self.shifts.get(name)
+    return w if shift is None else np.asarray(w, np.float32) - np.float32(shift)
+
+  def _read(self, name, index):
     import gguf
 
     t = self.tensors[name]

@@ -1,20 +1,28 @@
 """Tokenizers of the base model (the `tokenizers` library): from an HF `tokenizer.json`, or rebuilt
 from a GGUF file's metadata.
 
-A GGUF file carries no `tokenizer.json`, only the vocabulary, merges, token types and special ids.
-For a byte-level BPE vocabulary (`tokenizer.ggml.model == "gpt2"`, as SmolLM2's) this module builds
-what transformers' GGUF tokenizer converter builds, so ids agree token for token (a test checks it):
+A GGUF file carries no `tokenizer.json`, only the vocabulary (with scores and token types), maybe
+merges, and the special ids. This module builds what transformers' GGUF tokenizer builds for the same
+file, so ids agree token for token (tests check it, and SentencePiece vocabularies against
+sentencepiece itself):
 
-- a BPE model over the vocabulary as stored (tokens not written in the byte-level alphabet are
-  re-spelled into it) with the file's merges;
-- the pre-tokenizer chosen by `tokenizer.ggml.pre`: the Llama-3 style regex split followed by a
-  regex-free byte-level step for the Llama-3 family, and GPT-2's byte-level pre-tokenizer (its own
+- byte-level BPE (`tokenizer.ggml.model == "gpt2"`: SmolLM2, Llama 3, Qwen2): a BPE model over the
+  vocabulary as stored (tokens not written in the byte-level alphabet are re-spelled into it) with the
+  file's merges, and the pre-tokenizer chosen by `tokenizer.ggml.pre`: a regex split (Llama 3's or
+  Qwen2's) followed by a regex-free byte-level step, or GPT-2's byte-level pre-tokenizer (its own
   regex, no prefix space) for every other byte-level vocabulary, SmolLM2's `smollm` included;
-- a byte-level decoder; control tokens (type 3) as special added tokens, user-defined tokens (type 4)
-  as plain added tokens, so both are matched whole in text.
+- SentencePiece BPE (`"llama"`: TinyLlama, Llama 2, Mistral, Gemma): a byte-fallback BPE whose merges
+  are recovered from the vocabulary (every split of a token into two tokens, best token first: by
+  score, or for Gemma by position in the file, whose scores do not follow its merge order), spaces
+  written as "▁"; Llama-style files prepend "▁" to the text and after each special token
+  (`add_space_prefix`, default on) as sentencepiece and llama.cpp do (transformers' GGUF tokenizer adds
+  none to a text that already starts with a space: the one place the ids differ), Gemma's do not;
+- control tokens (type 3) as special added tokens, user-defined tokens (type 4) as plain added
+  tokens, so both are matched whole in text.
 
 BOS is added by `encode(add_bos=True)`, never by a post-processor, so the same call works for every
-source; the default follows the checkpoint (`add_bos_token`).
+source; the default follows the checkpoint (`add_bos_token`; a SentencePiece file that does not say
+adds it, as llama.cpp does).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from typing import Sequence
 
 import numpy as np
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from mixie.errors import MixieError
 
@@ -36,8 +44,16 @@ PathLike = str | os.PathLike
 # The Llama-3 (tiktoken cl100k-style) split pattern, used by GGUF pre-tokenizer names of that family.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral"}
+# Qwen2's split pattern (as the Llama-3 one, but digits one at a time), for its GGUF pre-tokenizer names.
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLITS = {**{name: _LLAMA3_SPLIT for name in ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe",
+                                               "dbrx", "pixtral")},
+           **{name: _QWEN2_SPLIT for name in ("qwen2", "deepseek-r1-qwen")}}
 _GPT2_PRE = {"", "default", "gpt2", "gpt-2", "smollm"}
+# GGUF architectures whose SentencePiece vocabulary is Gemma's (no prefix space, merges by file order)
+_GEMMA_ARCHS = {"gemma", "gemma2", "gemma3"}
+_SPACE = "\u2581"  # SentencePiece's "▁"
 
 
 @functools.cache
@@ -131,7 +147,7 @@ class Tokenizer:
 
   @classmethod
   def from_gguf(cls, path: PathLike, reader=None) -> "Tokenizer":
-    """From a GGUF file's `tokenizer.ggml.*` metadata (byte-level BPE vocabularies).
+    """From a GGUF file's `tokenizer.ggml.*` metadata (byte-level or SentencePiece BPE vocabularies).
 
     `reader` may pass an already opened `mixie.model.checkpoint.open_gguf(path)`.
     """
@@ -141,43 +157,31 @@ class Tokenizer:
     reader = reader if reader is not None else open_gguf(path)
     g = lambda k, d=None: gguf_value(reader, f"tokenizer.ggml.{k}", d, path=path)  # noqa: E731
     kind = g("model")
-    if kind != "gpt2":
-      raise MixieError(f"{path}: GGUF tokenizer model {kind!r} is not supported (mixie rebuilds "
-                       "byte-level BPE, 'gpt2'); use the checkpoint's tokenizer.json instead")
-    pre = g("pre", "default")
-    if pre not in _LLAMA3_PRE | _GPT2_PRE:
-      raise MixieError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported "
-                       f"(known: {sorted(_LLAMA3_PRE | _GPT2_PRE)})")
     tokens = list(g("tokens"))
     types = list(g("token_type", [1] * len(tokens)))
-    merges = [tuple(m.split(" ", 1)) for m in g("merges")]
-    alphabet = frozenset(_byte_alphabet())
-    vocab = {}
-    for i, t in enumerate(tokens):
-      vocab.setdefault(_byte_level_spelling(t, alphabet), i)
-    bpe = models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False)
-    tok = tokenizers.Tokenizer(bpe)
-    if pre in _LLAMA3_PRE:
-      tok.pre_tokenizer = pre_tokenizers.Sequence([
-          pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    has = lambda k: reader.fields.get(f"tokenizer.ggml.{k}") is not None  # noqa: E731
+    if kind == "gpt2":
+      tok, tokens = _byte_level_bpe(g, tokens, path)
+    elif kind == "llama":
+      arch = gguf_value(reader, "general.architecture", "", path=path)
+      merges = list(g("merges")) if has("merges") else None
+      tok, tokens = _sentencepiece_bpe(g, tokens, merges, gemma=arch in _GEMMA_ARCHS)
     else:
-      tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    control = [AddedToken(t, normalized=False, special=True)
-               for t, ty in zip(tokens, types) if ty == 3 and set(t) <= alphabet]
+      raise MixieError(f"{path}: GGUF tokenizer model {kind!r} is not supported (mixie rebuilds "
+                       "byte-level BPE, 'gpt2', and SentencePiece BPE, 'llama'); use the checkpoint's "
+                       "tokenizer.json instead")
+    spelled = frozenset(_byte_alphabet()) if kind == "gpt2" else None
+    control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types)
+               if ty == 3 and (spelled is None or set(t) <= spelled)]
     if control:
       tok.add_special_tokens(control)
     user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == 4]
     if user:
       tok.add_tokens(user)
-    eos = [int(g("eos_token_id"))] if reader.fields.get("tokenizer.ggml.eos_token_id") else []
-    for extra in ("eot_token_id", "eom_token_id"):
-      if reader.fields.get(f"tokenizer.ggml.{extra}") is not None:
-        eos.append(int(g(extra)))
-    bos = int(g("bos_token_id")) if reader.fields.get("tokenizer.ggml.bos_token_id") else None
-    pad = int(g("padding_token_id")) if reader.fields.get("tokenizer.ggml.padding_token_id") else None
-    add_bos = bool(g("add_bos_token", False))
+    eos = [int(g(k)) for k in ("eos_token_id", "eot_token_id", "eom_token_id") if has(k)]
+    bos = int(g("bos_token_id")) if has("bos_token_id") else None
+    pad = int(g("padding_token_id")) if has("padding_token_id") else None
+    add_bos = bool(g("add_bos_token", kind == "llama"))
     return cls(tok, bos_id=bos, eos_ids=list(dict.fromkeys(eos)), pad_id=pad, add_bos=add_bos,
                source=str(path))
 
@@ -215,6 +219,70 @@ class Tokenizer:
   def decode_batch(self, seqs: Sequence[Sequence[int]], skip_special: bool = True) -> list[str]:
     """Text of each id sequence (special tokens dropped unless `skip_special=False`)."""
     return self.tok.decode_batch([[int(i) for i in s] for s in seqs], skip_special_tokens=skip_special)
+
+
+def _byte_level_bpe(g, tokens: list[str], path) -> tuple[tokenizers.Tokenizer, list[str]]:
+  """The byte-level BPE of a "gpt2" GGUF vocabulary (and its tokens as stored)."""
+  pre = g("pre", "default")
+  if pre not in set(_SPLITS) | _GPT2_PRE:
+    raise MixieError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported "
+                     f"(known: {sorted(set(_SPLITS) | _GPT2_PRE)})")
+  merges = [tuple(m.split(" ", 1)) for m in g("merges")]
+  alphabet = frozenset(_byte_alphabet())
+  vocab = {}
+  for i, t in enumerate(tokens):
+    vocab.setdefault(_byte_level_spelling(t, alphabet), i)
+  tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False,
+                                        byte_fallback=False))
+  if pre in _SPLITS:
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  else:
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  tok.decoder = decoders.ByteLevel()
+  return tok, tokens
+
+
+def _sentencepiece_bpe(g, tokens: list[str], merges: list[str] | None, *, gemma: bool
+                       ) -> tuple[tokenizers.Tokenizer, list[str]]:
+  """The byte-fallback BPE of a SentencePiece ("llama") GGUF vocabulary (`merges`: the file's, or None
+  to recover them), and its tokens as looked up.
+
+  Gemma files store a token of several spaces as spaces: it is re-spelled with "▁" as the text is
+  (normalized spaces), and Gemma ranks tokens by their order in the file, the others by score."""
+  if gemma:
+    tokens = [_SPACE * len(t) if t and not t.strip(" ") else t for t in tokens]
+  vocab = {t: i for i, t in enumerate(tokens)}  # a repeated token keeps its last id, as transformers
+  scores = ([-float(i) for i in range(len(tokens))] if gemma
+            else [float(x) for x in g("scores", [0.0] * len(tokens))])
+  pairs = ([tuple(m.split(" ", 1)) for m in merges] if merges is not None
+           else _merges_from_vocab(vocab, dict(zip(tokens, scores))))
+  unk = g("unknown_token_id", -1)
+  bpe = models.BPE(vocab=vocab, merges=pairs, unk_token=tokens[int(unk)] if 0 <= int(unk) < len(tokens)
+                   else None, fuse_unk=True, byte_fallback=True)
+  tok = tokenizers.Tokenizer(bpe)
+  # spaces as "▁", and (not Gemma) one "▁" before the text and after each special token, as sentencepiece
+  # and llama.cpp do; transformers' Metaspace adds none before a text that starts with a space
+  prefix = not gemma and bool(g("add_space_prefix", True))
+  spaces = normalizers.Replace(" ", _SPACE)
+  tok.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE), spaces]) if prefix else spaces
+  steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+  tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
+  return tok, tokens
+
+
+def _merges_from_vocab(vocab: dict[str, int], score: dict[str, float]) -> list[tuple[str, str]]:
+  """BPE merges implied by a SentencePiece vocabulary: every split of a token into two tokens, ranked
+  by the merged token's score (best first), then by the lengths of the left and right parts (longer
+  first), then by token order, then by the parts' ids (the order transformers' converters give)."""
+  found = []
+  for n, (token, s) in enumerate(score.items()):
+    pairs = sorted(((vocab[token[:i]], vocab[token[i:]]), token[:i], token[i:]) for i in range(1, len(token))
+                   if token[:i] in vocab and token[i:] in vocab)
+    found += [(-s, -len(left), -len(right), n, ids, left, right) for ids, left, right in pairs]
+  found.sort(key=lambda m: m[:5])
+  return [(m[5], m[6]) for m in found]
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, length: int | None = None
