@@ -163,3 +163,27 @@ def test_qwen2_pre_tokenizer_equals_transformers(tmp_path, monkeypatch):
   import mixie.model.tokenizer as mt
   monkeypatch.setitem(mt._SPLITS, "qwen2", mt._LLAMA3_SPLIT)
   assert Tokenizer.from_gguf(tmp_path / "q.gguf").encode_batch(texts) != peer(texts, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("converted", ["llama"], indirect=True)
+def test_a_window_in_a_llama_gguf_is_refused_by_name(converted, tmp_path):
+  """A llama-architecture file that states a window shorter than its context (llama.cpp writes Mistral's
+  files as llama, without one) is refused, not read as plain attention."""
+  import gguf
+
+  _, _, _, path = converted
+  reader = gguf.GGUFReader(path)
+  w = gguf.GGUFWriter(str(tmp_path / "windowed.gguf"), "llama")
+  for field in reader.fields.values():
+    if field.name.startswith(("GGUF.", "general.architecture")):
+      continue
+    w.add_key_value(field.name, field.contents(), field.types[0] if field.types[0] != gguf.GGUFValueType.ARRAY
+                    else gguf.GGUFValueType.ARRAY, sub_type=field.types[-1] if len(field.types) > 1 else None)
+  w.add_sliding_window(6)
+  for t in reader.tensors:
+    w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  with pytest.raises(checkpoint.MixieError, match="llama.attention.sliding_window=6 is not supported"):
+    checkpoint.load_gguf(tmp_path / "windowed.gguf")

@@ -132,8 +132,11 @@ def _gguf_switches(fam: families.Family, g, n_layers: int, d_per_head: int, head
   the window (llama.cpp's Gemma 2 alternates local and global layers, even layers local, as the row's
   `alternating_window`), the soft-caps, and the query scale."""
   out: dict[str, Any] = {}
+  window, limit = int(g("attention.sliding_window", 0) or 0), int(g("context_length", 0) or 0)
+  if window and (not limit or window < limit) and not fam.sliding_window:
+    raise MixieError(f"{path}: GGUF {fam.gguf_architecture}.attention.sliding_window={window} is not "
+                     f"supported for the {fam.name} family (mixie would ignore the window)")
   if fam.sliding_window:
-    window, limit = int(g("attention.sliding_window", 0) or 0), int(g("context_length", 0) or 0)
     pattern = g("attention.sliding_window_pattern", 2 if fam.alternating_window else 1)  # 1: every layer
     if int(pattern) != (2 if fam.alternating_window else 1):
       raise MixieError(f"{path}: GGUF {fam.gguf_architecture}.attention.sliding_window_pattern={pattern!r} "
