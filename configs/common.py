@@ -85,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.budget = "fixed"  # token budget per expert: "fixed" or "proportional" (to topic size)
   c.train.tokens_per_expert = 16384  # fixed budget, or the mean budget when proportional
   c.train.lr = 1e-3  # peak learning rate
+  c.train.full_lr = 0.0  # peak learning rate of the "full" baseline (all weights train); 0 = train.lr
   c.train.warmup_steps = 5  # linear warm-up, per expert
   c.train.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
   c.train.weight_decay = 0.0  # AdamW decay

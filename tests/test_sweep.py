@@ -141,6 +141,36 @@ def test_a_point_whose_settings_changed_is_refused(tiny_sweep, tmp_path):
     runner.run_sweep(s)
 
 
+@pytest.mark.slow
+def test_a_baseline_added_to_a_finished_point_trains_only_that_baseline(tiny_sweep, tmp_path):
+  """The seed point (no baselines) with lora_all added: its experts, its seed and the shared data stay
+  byte for byte, only lora_all trains, and the point is evaluated again with the new row."""
+  sd = _copy(tiny_sweep, tmp_path)
+  seed = dict(tiny_sweep_config.get_config().points)["seed"]
+  wd = sd / "points" / "seed"
+  keep = {**file_snapshot(wd / "experts"), **{f"shared/{k}": v for k, v in file_snapshot(sd / "shared").items()}}
+  s = _sweep(sd, tiny_sweep["hf"], [("seed", {**seed, "train.baselines": ("lora_all",)})])
+  logs = []
+  assert runner.run_sweep(s, log=logs.append)["status"] == "finished"
+  assert {**file_snapshot(wd / "experts"),
+          **{f"shared/{k}": v for k, v in file_snapshot(sd / "shared").items()}} == keep
+  assert any("baselines ['lora_all'] added" in line for line in logs)
+  assert ExpertStore(wd / "lora_all").topics() == [0]
+  got = json.loads((wd / "eval" / "results.json").read_text())
+  assert "lora_all" in got["rows"] and got["compute"]["lora_all"]["tokens"] > 0
+  assert json.loads((wd / "point.json").read_text())["settings"]["train.baselines"] == ["lora_all"]
+
+
+def test_grown_settings_are_only_more_baselines_and_new_neutral_fields():
+  have = {"train.baselines": ["lora_all"], "train.lr": 3e-3}
+  assert spec.grown(have, {**have, "train.full_lr": 0.0}) == "train.full_lr=0.0 is new"
+  assert spec.grown(have, {**have, "train.baselines": ["lora_all", "full"]}) == "baselines ['full'] added"
+  assert spec.grown(have, {**have, "train.full_lr": 1e-4}) is None  # a new field that does something
+  assert spec.grown(have, {**have, "train.baselines": []}) is None  # fewer baselines
+  assert spec.grown(have, {**have, "train.lr": 1e-3}) is None
+  assert spec.grown({**have, "train.x": 0}, have) is None  # a field gone
+
+
 def test_lora_all_wide_has_rank_e_r_or_the_cap_and_equals_the_base_when_b_is_zero():
   from mixie.model.llama import forward
   from mixie.model.lora import init_expert
@@ -180,7 +210,7 @@ def test_points_and_keys():
     spec.points_of(s)
 
 
-@pytest.mark.parametrize("name", ["tokens", "k", "rank", "prefix", "init"])
+@pytest.mark.parametrize("name", ["tokens", "k", "rank", "prefix", "init", "lr", "batch"])
 @pytest.mark.parametrize("variant", ["", "stdlib", "accel", "tinyllama", "accel,stdlib"])
 def test_shipped_sweeps_are_valid_and_share_their_middle_point(name, variant, monkeypatch):
   import importlib

@@ -30,6 +30,7 @@ from mixie.model.load import load_base, load_tokenizer
 from mixie.route.router import RouteResult
 from mixie.route.run import build_routers, expert_of_topic
 from mixie.store import run_store
+from mixie.train.metrics import read_curves
 
 METRICS_JSONL = "metrics.jsonl"
 
@@ -76,36 +77,9 @@ def load_texts(workdir, doc_ids: Sequence[str] | None = None) -> dict[str, list[
 
 
 def load_metrics(workdir) -> dict[str, dict[int, dict[str, np.ndarray]]] | None:
-  """Curves from `workdir/metrics.jsonl`: `{mode: {topic: {"step", "tokens", "loss", "lr",
-  "grad_norm"}}}` (arrays in step order; `tokens` are the expert's cumulative tokens). Runs other
-  than "experts" have one curve, under topic 0. None when the file does not exist; lines cut by a
-  kill are skipped."""
-  p = mio.path(workdir) / METRICS_JSONL
-  if not p.exists():
-    return None
-  rows: dict[str, dict[int, list]] = {}
-  for line in p.read_text().splitlines():
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if not isinstance(rec, dict) or "experts" not in rec:
-      continue
-    mode = str(rec.get("mode", "train"))
-    for e in rec["experts"]:
-      topic = int(e.get("topic", 0)) if mode == "experts" else 0
-      rows.setdefault(mode, {}).setdefault(topic, []).append(
-          (int(rec["step"]), int(e.get("tokens", 0)), float(e["loss"]), float(e.get("lr", np.nan)),
-           float(e.get("grad_norm", np.nan))))
-  out: dict[str, dict[int, dict[str, np.ndarray]]] = {}
-  for mode, per in rows.items():
-    out[mode] = {}
-    for topic, r in sorted(per.items()):
-      r.sort()
-      a = np.asarray(r, np.float64)
-      out[mode][topic] = {"step": a[:, 0].astype(np.int64), "tokens": np.cumsum(a[:, 1]).astype(np.int64),
-                          "loss": a[:, 2], "lr": a[:, 3], "grad_norm": a[:, 4]}
-  return out
+  """Curves from `workdir/metrics.jsonl` (`mixie.train.metrics.read_curves`): `{mode: {topic: {"step",
+  "tokens", "loss", "lr", "grad_norm"}}}`; None when the file does not exist."""
+  return read_curves(mio.path(workdir) / METRICS_JSONL)
 
 
 def load_perplexity(workdir) -> dict[str, Any] | None:

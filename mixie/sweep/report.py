@@ -7,7 +7,10 @@ The table has one row per (point, routing prefix P, evaluation row), read from e
     prefix, row          P and the evaluation row (base, lora_all, lora_all_wide, full, centroid, ...)
     ppl, routing_accuracy   held-out perplexity after P; top-1 routing accuracy (routed rows)
     tokens, flops        the row's training tokens and FLOPs (`mixie.compute`)
-    k, rank, tokens_per_expert, init, seed_fraction, docs   the point's settings and documents scored
+    train_loss           the loss at the end of the row's training run (the experts' pooled for routed
+                         rows; `mixie.train.metrics.final_loss`): new data every step, so the number to
+                         choose hyper-parameters by, where held-out perplexity must not be
+    k, rank, tokens_per_expert, init, seed_fraction, lr, slots, docs   the point's settings and documents
 
 Written to `<sweep dir>/reports/<name>/`: `table.json`, `table.md` (a perplexity pivot and the long table)
 and PNG plots: perplexity against training tokens and FLOPs (one line per row and series), against
@@ -26,11 +29,16 @@ from mixie import io as mio
 from mixie.compute import format_flops
 from mixie.errors import MixieError
 from mixie.figures import new_figure, save_figure
+from mixie.train.metrics import final_loss, read_curves
 
 TABLE_JSON, TABLE_MD = "table.json", "table.md"
 PREFIX_FIELD = "eval.prefix_tokens"
 SETTINGS = {"k": "cluster.k", "rank": "lora.rank", "tokens_per_expert": "train.tokens_per_expert",
-            "init": "train.init", "seed_fraction": "train.seed_fraction"}
+            "init": "train.init", "seed_fraction": "train.seed_fraction", "lr": "train.lr",
+            "slots": "train.slots"}
+# the training run behind each evaluation row (routed and oracle rows: the experts)
+RUN_OF_ROW = {"lora_all": "lora_all", "lora_all_wide": "lora_all_wide", "full": "full", "centroid": "experts",
+              "knn": "experts", "topk": "experts", "oracle": "experts"}
 
 
 def report_dir(sweep_dir, name: str):
@@ -53,6 +61,8 @@ def point_rows(sweep_dir, name: str, *, x: str = "", series: Sequence[str] = ())
   res = mio.read_json(wd / "eval" / "results.json")
   settings = {**rec.get("settings", {}), **rec.get("overrides", {})}
   experts = {int(e) for e in res.get("expert_of_topic", {}).values() if int(e) >= 0}
+  curves = read_curves((wd.parent / rec["owner"] if rec.get("owner") else wd) / "metrics.jsonl") or {}
+  end_loss = {mode: final_loss(c) for mode, c in curves.items()}
   base = {"point": name, "series": _label(series, settings), "docs": res["docs"],
           **{k: settings.get(f) for k, f in SETTINGS.items()}, "k": len(experts) or settings.get("cluster.k"),
           "rank": res.get("lora", {}).get("rank", settings.get("lora.rank"))}
@@ -63,7 +73,8 @@ def point_rows(sweep_dir, name: str, *, x: str = "", series: Sequence[str] = ())
       c = res.get("compute", {}).get(row, {})
       out.append({**base, "x": p if x == PREFIX_FIELD else settings.get(x), "prefix": int(p), "row": row,
                   "ppl": tab["ppl"][row], "routing_accuracy": tab["routing_accuracy"].get(row),
-                  "tokens": c.get("tokens"), "flops": c.get("flops")})
+                  "tokens": c.get("tokens"), "flops": c.get("flops"),
+                  "train_loss": end_loss.get(RUN_OF_ROW.get(row, ""))})
   return out
 
 
@@ -113,12 +124,14 @@ def markdown(table: dict[str, Any]) -> str:
     cells += [_fmt(g[n]["ppl"]) if n in g else "" for n in names]
     cells += [_fmt(g[n]["routing_accuracy"]) if n in g else "" for n in routed]
     lines.append("| " + " | ".join(cells) + " |")
-  lines += ["", "Every row with its training compute (`mixie.compute`):", "",
-            "| point | P | row | ppl | routing acc. | train tokens | train FLOPs |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+  lines += ["", "Every row with its training compute (`mixie.compute`) and the loss at the end of its "
+            "training (new data every step: what to choose hyper-parameters by):", "",
+            "| point | P | row | ppl | routing acc. | train tokens | train FLOPs | end train loss |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
     lines.append(f"| {r['point']} | {r['prefix']} | {r['row']} | {_fmt(r['ppl'])} | "
-                 f"{_fmt(r['routing_accuracy'])} | {_fmt(r['tokens'])} | {format_flops(r['flops'])} |")
+                 f"{_fmt(r['routing_accuracy'])} | {_fmt(r['tokens'])} | {format_flops(r['flops'])} | "
+                 f"{_fmt(r.get('train_loss'), '.4f')} |")
   return "\n".join(lines) + "\n"
 
 

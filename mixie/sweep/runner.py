@@ -20,7 +20,9 @@ time, in this process.
 Resuming: a point with a done.json of its eval key is skipped without touching any file; any other
 point continues where it stopped (every mixie.train run resumes from its checkpoints; the cluster stage
 from its markers). A point whose train settings differ from its point.json is refused (`ConfigError`
-naming the fields): give it another name, or delete its directory.
+naming the fields): give it another name, or delete its directory. Two changes are taken in place
+(`mixie.sweep.spec.grown`): more baselines (only those train, then the point is evaluated again) and
+a config field added to mixie since, at its neutral value (it cannot have changed what was trained).
 
 Adopting work directories made without the runner (`adopt=True`): a `points/<name>/` without point.json
 is taken as that point as it is (its experts and baselines are trusted to match the point's settings;
@@ -151,11 +153,15 @@ def claim(wd: pathlib.Path, point: sp.Point, config, keys: dict, *, adopt: bool,
   if pj.exists():
     old = mio.read_json(pj)
     if old.get("keys", {}).get("train") != keys["train"]:
-      have = old.get("settings", {})
-      diffs = [f"{k}={have.get(k)!r} there, {rec['settings'].get(k)!r} now"
-               for k in sorted(set(have) | set(rec["settings"])) if have.get(k) != rec["settings"].get(k)]
-      raise ConfigError(f"{wd}: point {point.name!r} was trained with other settings ({'; '.join(diffs[:4])}); "
-                        "give the point another name, or delete that directory")
+      have, now = old.get("settings", {}), rec["settings"]
+      changed = sorted(k for k in set(have) | set(now) if have.get(k) != now.get(k))
+      grown = sp.grown(have, now)
+      if grown is None:
+        diffs = [f"{k}={have.get(k)!r} there, {now.get(k)!r} now" for k in changed]
+        raise ConfigError(f"{wd}: point {point.name!r} was trained with other settings ({'; '.join(diffs[:4])}); "
+                          "give the point another name, or delete that directory")
+      log(f"mixie.sweep: point {point.name!r}: {grown}; its finished runs are kept")
+      (wd / TRAINED_JSON).unlink(missing_ok=True)  # the main job trains what is missing, then evaluates
     rec["owner"] = old.get("owner")
     if old == rec:
       return old

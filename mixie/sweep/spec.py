@@ -138,3 +138,25 @@ def eval_key(config) -> str:
 def train_settings(config) -> dict[str, Any]:
   """The settings `train_key` hashes (recorded in `point.json`, to name what changed)."""
   return _without(flat(config), EVAL_ONLY)
+
+
+# values of a config field that mean "off": a field mixie gained after a point was trained, at one of
+# these, changes nothing the point trained
+NEUTRAL = (None, False, 0, 0.0, "", (), [])
+
+
+def grown(have: dict[str, Any], now: dict[str, Any]) -> str | None:
+  """How train settings `now` extend a trained point's recorded `have` without changing what it trained
+  (a sentence), or None when they do not: only `train.baselines` grew (new baselines to train), and
+  fields absent from `have` are at a `NEUTRAL` value."""
+  notes = []
+  for k in sorted(set(have) | set(now)):
+    if have.get(k) == now.get(k):
+      continue
+    if k not in have and k in now and any(now[k] == v and type(now[k]) is type(v) for v in NEUTRAL):
+      notes.append(f"{k}={now[k]!r} is new")
+    elif k == "train.baselines" and k in have and k in now and set(have[k]) < set(now[k]):
+      notes.append(f"baselines {sorted(set(now[k]) - set(have[k]))} added")
+    else:
+      return None
+  return ", ".join(notes)

@@ -94,6 +94,9 @@ def validate_config(config, devices=None) -> None:
     raise ConfigError(f"train.budget must be one of {BUDGETS}, got {t.budget!r}")
   LoraConfig.from_config(config.lora)  # rank >= 1, known targets, dropout in [0, 1)
   optim.OptConfig.from_config(t)  # lr, betas, clip, schedule
+  full_lr = t.get("full_lr", 0.0)
+  if not (isinstance(full_lr, (int, float)) and not isinstance(full_lr, bool) and 0 <= full_lr < float("inf")):
+    raise ConfigError(f"train.full_lr must be a number >= 0 (0 = train.lr), got {full_lr!r}")
   divergence.DivergenceRule.from_config(t)  # divergence_*, allow_divergence
   check_model_dtypes(config.model)
   axes = tuple(config.mesh.axes)
@@ -211,7 +214,10 @@ def train_run(config, mode: str, cfg, base, fp: str, data: TrainData, tokenizer,
   out_dir = seed_plan.dir if mode == "seed" else wd / mode
   if ckpt_dir is None:
     ckpt_dir = out_dir / "checkpoints" if mode == "seed" else wd / "checkpoints" / mode
-  spec = TrainSpec(cfg=cfg, lora=lora, opt=optim.OptConfig.from_config(t),
+  opt = optim.OptConfig.from_config(t)
+  if mode == "full" and float(t.get("full_lr", 0.0)):  # all weights train: a far smaller step than a LoRA's
+    opt = dataclasses.replace(opt, lr=float(t.full_lr))
+  spec = TrainSpec(cfg=cfg, lora=lora, opt=opt,
                    slots=E, mode=mode, remat="full" if config.model.remat else "minimal", seed=int(config.seed),
                    ce_chunk=int(t.ce_chunk))
   run_base = base if run_mesh is mesh else jax.device_put(base, base_shardings(spec, run_mesh, rules))

@@ -12,6 +12,8 @@ import json
 import sys
 from typing import Any, Callable, Mapping
 
+import numpy as np
+
 from mixie.distributed import is_main_process
 from mixie.io import PathLike, atomic_write_text, note_write, path as _path
 
@@ -85,3 +87,53 @@ class MetricsWriter:
     """Flushes and closes the TensorBoard writer, if any."""
     if self._tb is not None:
       self._tb.close()
+
+
+def read_curves(path: PathLike) -> dict[str, dict[int, dict[str, np.ndarray]]] | None:
+  """The training curves of a `metrics.jsonl`: `{mode: {topic: {"step", "tokens", "loss", "lr",
+  "grad_norm"}}}` (arrays in step order; `tokens` are the expert's cumulative tokens). Runs other than
+  "experts" have one curve, under topic 0. None when the file does not exist; lines cut by a kill are
+  skipped."""
+  p = _path(path)
+  if not p.exists():
+    return None
+  rows: dict[str, dict[int, list]] = {}
+  for line in p.read_text().splitlines():
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if not isinstance(rec, dict) or "experts" not in rec:
+      continue
+    mode = str(rec.get("mode", "train"))
+    for e in rec["experts"]:
+      topic = int(e.get("topic", 0)) if mode == "experts" else 0
+      rows.setdefault(mode, {}).setdefault(topic, []).append(
+          (int(rec["step"]), int(e.get("tokens", 0)), float(e["loss"]), float(e.get("lr", np.nan)),
+           float(e.get("grad_norm", np.nan))))
+  out: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+  for mode, per in rows.items():
+    out[mode] = {}
+    for topic, r in sorted(per.items()):
+      r.sort()
+      a = np.asarray(r, np.float64)
+      out[mode][topic] = {"step": a[:, 0].astype(np.int64), "tokens": np.cumsum(a[:, 1]).astype(np.int64),
+                          "loss": a[:, 2], "lr": a[:, 3], "grad_norm": a[:, 4]}
+  return out
+
+
+def final_loss(curves: Mapping[int, Mapping[str, np.ndarray]], fraction: float = 0.25) -> float | None:
+  """The training loss at the end of a run: over each curve's last `fraction` of steps (at least one),
+  the mean loss weighted by the tokens of each step, pooled over the curves (the experts of a run).
+  Every step trains on new data, so this is a held-out estimate on the training split: the number to
+  choose hyper-parameters by. None without steps."""
+  num = den = 0.0
+  for c in curves.values():
+    n = len(c["loss"])
+    if not n:
+      continue
+    k = max(1, int(round(n * fraction)))
+    step_tokens = np.diff(np.concatenate([[0], c["tokens"]]))[-k:]
+    num += float(np.sum(c["loss"][-k:] * step_tokens))
+    den += float(np.sum(step_tokens))
+  return num / den if den else None
