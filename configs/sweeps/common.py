@@ -4,8 +4,9 @@ Variants (the config arg, comma-separated flags, e.g. `configs/sweeps/tokens.py:
 - "" (CPU): the demo's model, LoRA and optimizer (SmolLM2-135M f32, r=8, k=6 topics, 6 slots x 2 rows
   x 128 tokens, lr 3e-3), on the WHOLE shipped corpus (10,033 summaries, ~1M training tokens, 130k-212k
   per topic, so no topic repeats data up to 32k tokens per expert), evaluated on a fixed 200-document
-  subset of the held-out split; baselines lora_all and lora_all_wide. Every point of every sweep uses
-  these hyper-parameters: nothing is tuned on held-out data.
+  subset of the held-out split; baselines lora_all and lora_all_wide, and full continued pre-training
+  at the tokens sweep's points (its lr picked on training loss). Every point of every sweep uses these
+  hyper-parameters: nothing is tuned on held-out data.
 - "stdlib": the same on the `wiki_stdlib` corpus (the summaries + this interpreter's standard library,
   code and docstrings; `mixie.data.stdlib_corpus`), topics that differ in kind.
 - "accel": a GPU/TPU: bf16 compute and storage, 8 rows per slot (the mesh's data axis takes every
@@ -51,6 +52,10 @@ def run_base(flags: frozenset) -> ml_collections.ConfigDict:
     c.data.max_docs = 0  # the whole shipped corpus (10,033 summaries)
     c.eval.max_docs = 200  # a fixed-seed subset of the ~474 held-out summaries
   c.train.baselines = ("lora_all", "lora_all_wide")  # matched on tokens; matched on parameters
+  # the full-CPT baseline's lr (tokens sweep points only, `tok`): picked on the training loss of its last
+  # 4 of 16 steps on the CPU variant's data (24.6k tokens; 1e-5, 3e-5, 1e-4, 3e-4 gave 2.933, 2.832,
+  # 2.745, 2.754 nats, 2026-12-07): re-pick for another base
+  c.train.full_lr = 1e-4
   c.train.checkpoint_every = 20  # steps
   if "accel" in flags:
     c.model.dtype = c.model.param_dtype = "bfloat16"  # bf16 compute and base storage
@@ -81,9 +86,11 @@ def workdir(flags: frozenset) -> str:
   return f"{root}/{name}"
 
 
-def tok(n: int) -> dict:
-  """The overrides of a scratch point with `n` tokens per expert."""
-  return {"train.tokens_per_expert": n}
+def tok(n: int, full: bool = True) -> dict:
+  """The overrides of a scratch point with `n` tokens per expert; with `full` (the tokens sweep's points)
+  its baselines add full continued pre-training (`train.full_lr`) to the variant's."""
+  return {"train.tokens_per_expert": n,
+          "train.baselines": ("lora_all", "lora_all_wide") + (("full",) if full else ())}
 
 
 def seed_tok(n: int, fraction: float = 0.5) -> dict:

@@ -14,7 +14,7 @@ def get_config(arg: str = ""):
   def points(flags):
     total = 6 * common.mid_budget(flags)
     # k = 6 is the tokens sweep's point of the same budget (the same name and overrides: one run)
-    return [(f"k_{k}", {"cluster.k": k, **common.tok(total // k)}) if k != 6 else
+    return [(f"k_{k}", {"cluster.k": k, **common.tok(total // k, full=False)}) if k != 6 else
             (f"tok_{total // 6}", common.tok(total // 6)) for k in (3, 6, 12)]
 
   return common.sweep("k", arg, points, x="cluster.k", series=())

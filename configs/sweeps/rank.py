@@ -12,7 +12,7 @@ def get_config(arg: str = ""):
   def points(flags):
     n = common.mid_budget(flags)
     # r = 8 is the tokens sweep's point of the same budget (the same name and overrides: one run)
-    return [(f"rank_{r}", {**common.tok(n), "lora.rank": r, "lora.alpha": 2.0 * r}) if r != 8 else
+    return [(f"rank_{r}", {**common.tok(n, full=False), "lora.rank": r, "lora.alpha": 2.0 * r}) if r != 8 else
             (f"tok_{n}", common.tok(n)) for r in (4, 8, 16)]
 
   return common.sweep("rank", arg, points, x="lora.rank", series=())
