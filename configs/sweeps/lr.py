@@ -1,5 +1,5 @@
 """Peak learning rate at the middle budget, the experts and lora_all alike: the variant's lr divided and
-multiplied by 3 (1e-3, 3e-3, 1e-2 on a CPU). Was one lr fair to both rows, whose batches differ (2 rows
+multiplied by 3 (1e-3, 3e-3, 9e-3 on a CPU). Was one lr fair to both rows, whose batches differ (2 rows
 per expert per step, 12 for lora_all)? Read each row's best lr off its end-of-training loss (`train_loss`
 in the table: every step trains on new data), never off the held-out perplexity the table also shows.
 Baselines: lora_all only (lora_all_wide is not the question here). Arg: the variant (see
