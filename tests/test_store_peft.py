@@ -164,10 +164,11 @@ def test_peft_tensors_round_trip_bit_exact(tmp_path):
     from_peft_tensors(t)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma", "gemma2"])
 def test_exported_expert_in_peft_gives_the_same_logits(tmp_path, family):
   """An expert exported to PEFT and applied by peft on the transformers model of each family's base
-  (Qwen2: q/k/v biases; Gemma: (1 + w) norms, GELU-tanh, scaled tied embeddings, head_dim != d / n)
+  (Qwen2: q/k/v biases; Mistral: a window; Gemma: (1 + w) norms, GELU-tanh, scaled tied embeddings,
+  head_dim != d / n; Gemma 2: caps, local/global layers, post-norms)
   gives mixie's logits."""
   torch = pytest.importorskip("torch")
   peft = pytest.importorskip("peft")
