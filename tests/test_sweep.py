@@ -70,6 +70,11 @@ def test_two_point_sweep_resumes_after_sigkill_without_redoing_the_finished_poin
   assert "| scratch | init=scratch | scratch | 8 |" in md and "| seed | 8 | centroid |" in md
   for name in ("ppl_vs_tokens", "ppl_vs_flops", "ppl_vs_init", "ppl_vs_prefix", "routing_vs_prefix"):
     assert (sd / "reports" / "tiny" / f"{name}.png").read_bytes().startswith(PNG)
+  found = json.loads((sd / "reports" / "tiny" / "findings.json").read_text())
+  scratch = next(r for r in found["points"] if r["point"] == "scratch")
+  assert found["prefix"] == 8 and scratch["vs_lora_all"] == pytest.approx(
+      rows[("scratch", 8, "centroid")]["ppl"] / rows[("scratch", 8, "lora_all")]["ppl"] - 1)
+  assert "## Findings at P = 8" in md
 
 
 @pytest.mark.slow
@@ -159,6 +164,32 @@ def test_a_baseline_added_to_a_finished_point_trains_only_that_baseline(tiny_swe
   got = json.loads((wd / "eval" / "results.json").read_text())
   assert "lora_all" in got["rows"] and got["compute"]["lora_all"]["tokens"] > 0
   assert json.loads((wd / "point.json").read_text())["settings"]["train.baselines"] == ["lora_all"]
+
+
+def test_findings_gaps_crossover_equal_flops_and_seed():
+  """The findings of a hand-made table: gaps at equal tokens, against lora_all's curve at equal FLOPs,
+  against the oracle; the smallest winning budget; the seed-branched point against its scratch twin."""
+  from mixie.sweep import findings as fnd
+
+  def rows(point, n, init, **ppl):
+    flops = {"lora_all": 1.0 * n, "centroid": 1.01 * n, "oracle": 1.01 * n, "base": 0, "full": 1.5 * n}
+    return [{"point": point, "prefix": 16, "row": r, "ppl": v, "tokens_per_expert": n, "init": init, "k": 6,
+             "rank": 8, "seed_fraction": 0.5, "flops": flops[r], "tokens": 6 * n,
+             "routing_accuracy": 0.9 if r == "centroid" else None} for r, v in ppl.items()]
+  table = {"rows": rows("a", 100, "scratch", base=20.0, lora_all=10.0, centroid=11.0, oracle=10.9, full=9.0)
+           + rows("b", 1000, "scratch", base=20.0, lora_all=8.0, centroid=7.8, oracle=7.7)
+           + rows("b_seed", 1000, "seed", base=20.0, centroid=7.6, oracle=7.5)}
+  f = fnd.findings(table)
+  a, b, b_seed = f["points"]
+  assert a["vs_lora_all"] == pytest.approx(0.1) and a["vs_oracle"] == pytest.approx(11 / 10.9 - 1)
+  assert a["vs_full"] == pytest.approx(11 / 9 - 1) and b["vs_full"] is None
+  # lora_all's log-log curve at the routed row's FLOPs (1.01 x 100): a little below 10
+  at = np.exp(np.interp(np.log(101.0), np.log([100.0, 1000.0]), np.log([10.0, 8.0])))
+  assert a["vs_lora_all_flops"] == pytest.approx(11 / at - 1)
+  assert b["vs_lora_all_flops"] is None  # 1010 FLOPs lie past the curve's end
+  assert f["crossover"] == 1000 and f["compass"]["routed_le_098_lora_all"]  # 7.8 / 8 = 0.975
+  assert f["compass"]["routed_within_2pct_of_oracle"] and f["seed"] == {"b_seed": pytest.approx(7.6 / 7.8 - 1)}
+  assert "crossover (routed no worse than lora_all at equal tokens): 1000 tokens per expert" in fnd.markdown(f)
 
 
 def test_grown_settings_are_only_more_baselines_and_new_neutral_fields():

@@ -12,8 +12,8 @@ The table has one row per (point, routing prefix P, evaluation row), read from e
                          choose hyper-parameters by, where held-out perplexity must not be
     k, rank, tokens_per_expert, init, seed_fraction, lr, slots, docs   the point's settings and documents
 
-Written to `<sweep dir>/reports/<name>/`: `table.json`, `table.md` (a perplexity pivot and the long table)
-and PNG plots: perplexity against training tokens and FLOPs (one line per row and series), against
+Written to `<sweep dir>/reports/<name>/`: `table.json`, `table.md` (a perplexity pivot, the long table
+and the findings of `mixie.sweep.findings`), `findings.json`, and PNG plots: perplexity against training tokens and FLOPs (one line per row and series), against
 the swept setting (k, rank, ...) when it is not P, and perplexity and routing accuracy against P when
 the points were evaluated at several P.
 """
@@ -29,9 +29,10 @@ from mixie import io as mio
 from mixie.compute import format_flops
 from mixie.errors import MixieError
 from mixie.figures import new_figure, save_figure
+from mixie.sweep import findings as fnd
 from mixie.train.metrics import final_loss, read_curves
 
-TABLE_JSON, TABLE_MD = "table.json", "table.md"
+TABLE_JSON, TABLE_MD, FINDINGS_JSON = "table.json", "table.md", "findings.json"
 PREFIX_FIELD = "eval.prefix_tokens"
 SETTINGS = {"k": "cluster.k", "rank": "lora.rank", "tokens_per_expert": "train.tokens_per_expert",
             "init": "train.init", "seed_fraction": "train.seed_fraction", "lr": "train.lr",
@@ -260,8 +261,10 @@ def write_report(sweep_dir, sweep, points) -> dict[str, Any]:
   """Writes the table (JSON, Markdown) and the plots of the sweep's points; returns their paths."""
   d = report_dir(sweep_dir, sweep.name)
   table = build_table(sweep_dir, sweep, [p.name for p in points])
+  found = fnd.findings(table, prefix=table.get("plot_prefix"))
   mio.atomic_write_json(d / TABLE_JSON, table)
-  mio.atomic_write_text(d / TABLE_MD, markdown(table))
+  mio.atomic_write_json(d / FINDINGS_JSON, found)
+  mio.atomic_write_text(d / TABLE_MD, markdown(table) + "\n" + fnd.markdown(found))
   plots = plot_all(table, save_dir=d)
   return {"dir": str(d), "table_json": str(d / TABLE_JSON), "table_md": str(d / TABLE_MD),
-          "plots": [str(d / f"{n}.png") for n in plots]}
+          "findings_json": str(d / FINDINGS_JSON), "plots": [str(d / f"{n}.png") for n in plots]}
