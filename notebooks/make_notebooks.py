@@ -170,6 +170,10 @@ table = sweeps.load_table(SWEEP_DIR, SWEEP_NAME)
 print(f"sweep {table['name']} in {SWEEP_DIR}: {len(table['points'])} points\\nfigures: {FIGDIR}")'''),
       ("markdown", "## The table\nPerplexity per point, P and row, then every row with its training compute."),
       ("code", "print(sweeps.markdown(table))"),
+      ("markdown", "## The findings\nPer point: the routed row against lora_all at equal tokens and (on "
+                   "lora_all's curve) at equal FLOPs, against the oracle and full continued pre-training; "
+                   "the crossover budget, if any; seed-branched against scratch."),
+      ("code", "print(sweeps.findings_markdown(sweeps.findings(table, prefix=PREFIX)))"),
       ("markdown", "## Perplexity against training compute\nOne line per row (and series); the base is the "
                    "dashed line. Equal x means equal training tokens (or FLOPs)."),
       ("code", "sweeps.plot_vs_compute(table, by=\"tokens\", prefix=PREFIX, save_dir=FIGDIR)"),

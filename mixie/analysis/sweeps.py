@@ -9,8 +9,9 @@ are read and drawn from here under the analysis package's name, as a work direct
 from __future__ import annotations
 
 from mixie.sweep.findings import findings
+from mixie.sweep.findings import markdown as findings_markdown
 from mixie.sweep.report import (build_table, load_table, markdown, plot_all, plot_vs_compute,
                                 plot_vs_prefix, plot_vs_setting, several_prefixes, swept_setting)
 
-__all__ = ["build_table", "findings", "load_table", "markdown", "plot_all", "plot_vs_compute", "plot_vs_prefix",
+__all__ = ["build_table", "findings", "findings_markdown", "load_table", "markdown", "plot_all", "plot_vs_compute", "plot_vs_prefix",
            "plot_vs_setting", "several_prefixes", "swept_setting"]
