@@ -15,7 +15,9 @@ def get_config(arg: str = ""):
 
   def points(flags):
     n, lr = common.mid_budget(flags), float(common.run_base(flags).train.lr)
-    return [(f"lr_{f * lr:g}", {**common.tok(n), "train.lr": f * lr, "train.baselines": ("lora_all",)})
+    # a diverged run is a result here (the lr is too high), marked in the table, not a failed point
+    return [(f"lr_{f * lr:g}", {**common.tok(n), "train.lr": f * lr, "train.baselines": ("lora_all",),
+                                "train.allow_divergence": True})
             if f != 1 else (f"tok_{n}", common.tok(n)) for f in (1 / 3, 1, 3)]
 
   return common.sweep("lr", arg, points, x="train.lr", series=())
