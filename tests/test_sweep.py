@@ -197,6 +197,8 @@ def test_grown_settings_are_only_more_baselines_and_new_neutral_fields():
   assert spec.grown(have, {**have, "train.full_lr": 0.0}) == "train.full_lr=0.0 is new"
   assert spec.grown(have, {**have, "train.baselines": ["lora_all", "full"]}) == "baselines ['full'] added"
   assert spec.grown(have, {**have, "train.full_lr": 1e-4}) is None  # a new field that does something
+  both = spec.grown(have, {**have, "train.baselines": ["lora_all", "full"], "train.full_lr": 1e-4})
+  assert both == "baselines ['full'] added, train.full_lr=0.0001 (for the new full run)"
   assert spec.grown(have, {**have, "train.baselines": []}) is None  # fewer baselines
   assert spec.grown(have, {**have, "train.lr": 1e-3}) is None
   assert spec.grown({**have, "train.x": 0}, have) is None  # a field gone

@@ -145,15 +145,23 @@ def train_settings(config) -> dict[str, Any]:
 NEUTRAL = (None, False, 0, 0.0, "", (), [])
 
 
+# fields that configure one baseline's run alone: free to change while that baseline is new to a point
+BASELINE_FIELDS = {"train.full_lr": "full", "train.wide_rank_cap": "lora_all_wide"}
+
+
 def grown(have: dict[str, Any], now: dict[str, Any]) -> str | None:
   """How train settings `now` extend a trained point's recorded `have` without changing what it trained
-  (a sentence), or None when they do not: only `train.baselines` grew (new baselines to train), and
-  fields absent from `have` are at a `NEUTRAL` value."""
+  (a sentence), or None when they do not: only `train.baselines` grew (new baselines to train), fields
+  absent from `have` are at a `NEUTRAL` value, and a field of a newly added baseline alone
+  (`BASELINE_FIELDS`) may take any value."""
+  added = set(now.get("train.baselines") or ()) - set(have.get("train.baselines") or ())
   notes = []
   for k in sorted(set(have) | set(now)):
     if have.get(k) == now.get(k):
       continue
-    if k not in have and k in now and any(now[k] == v and type(now[k]) is type(v) for v in NEUTRAL):
+    if k in now and BASELINE_FIELDS.get(k) in added and "train.baselines" in have:
+      notes.append(f"{k}={now[k]!r} (for the new {BASELINE_FIELDS[k]} run)")
+    elif k not in have and k in now and any(now[k] == v and type(now[k]) is type(v) for v in NEUTRAL):
       notes.append(f"{k}={now[k]!r} is new")
     elif k == "train.baselines" and k in have and k in now and set(have[k]) < set(now[k]):
       notes.append(f"baselines {sorted(set(now[k]) - set(have[k]))} added")
