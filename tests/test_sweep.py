@@ -177,16 +177,19 @@ def test_findings_gaps_crossover_equal_flops_and_seed():
              "rank": 8, "seed_fraction": 0.5, "flops": flops[r], "tokens": 6 * n,
              "routing_accuracy": 0.9 if r == "centroid" else None} for r, v in ppl.items()]
   table = {"rows": rows("a", 100, "scratch", base=20.0, lora_all=10.0, centroid=11.0, oracle=10.9, full=9.0)
-           + rows("b", 1000, "scratch", base=20.0, lora_all=8.0, centroid=7.8, oracle=7.7)
+           + rows("b", 1000, "scratch", base=20.0, lora_all=8.0, centroid=7.8, oracle=7.7, full=7.0)
            + rows("b_seed", 1000, "seed", base=20.0, centroid=7.6, oracle=7.5)}
   f = fnd.findings(table)
   a, b, b_seed = f["points"]
   assert a["vs_lora_all"] == pytest.approx(0.1) and a["vs_oracle"] == pytest.approx(11 / 10.9 - 1)
-  assert a["vs_full"] == pytest.approx(11 / 9 - 1) and b["vs_full"] is None
+  assert a["vs_full"] == pytest.approx(11 / 9 - 1) and b["vs_full"] == pytest.approx(7.8 / 7 - 1)
   # lora_all's log-log curve at the routed row's FLOPs (1.01 x 100): a little below 10
   at = np.exp(np.interp(np.log(101.0), np.log([100.0, 1000.0]), np.log([10.0, 8.0])))
   assert a["vs_lora_all_flops"] == pytest.approx(11 / at - 1)
   assert b["vs_lora_all_flops"] is None  # 1010 FLOPs lie past the curve's end
+  assert a["vs_full_flops"] is None  # full's curve starts at 150 FLOPs, past the routed row's 101
+  at = np.exp(np.interp(np.log(1010.0), np.log([150.0, 1500.0]), np.log([9.0, 7.0])))
+  assert b["vs_full_flops"] == pytest.approx(7.8 / at - 1)
   assert f["crossover"] == 1000 and f["compass"]["routed_le_098_lora_all"]  # 7.8 / 8 = 0.975
   assert f["compass"]["routed_within_2pct_of_oracle"] and f["seed"] == {"b_seed": pytest.approx(7.6 / 7.8 - 1)}
   assert "crossover (routed no worse than lora_all at equal tokens): 1000 tokens per expert" in fnd.markdown(f)

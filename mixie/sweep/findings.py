@@ -14,7 +14,7 @@ Gaps are ratios minus one (positive: the first row is worse): `vs_lora_all` at e
 one point train on the same tokens); `vs_lora_all_flops`, the routed row against lora_all's curve over
 the sweep's points interpolated (log-log) at the routed row's own FLOPs, where that lies inside the
 curve; `vs_oracle`, routing's own cost; `vs_full`, against full continued pre-training at equal tokens
-(6N per token: about 1.5x the routed row's FLOPs).
+(6N per token: about 1.4x the routed row's FLOPs), and `vs_full_flops` on its curve at equal FLOPs.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def findings(table: dict[str, Any], *, prefix: int | None = None, routed: str = 
   row `routed` (see the module docstring)."""
   p = int(prefix) if prefix else common_prefix(table)
   pts = _by_point(table, p)
-  lora_curve = [(g["lora_all"]["flops"], g["lora_all"]["ppl"]) for g in pts.values() if "lora_all" in g]
+  curve = {row: [(g[row]["flops"], g[row]["ppl"]) for g in pts.values() if row in g] for row in ("lora_all", "full")}
   out_points = []
   for name, g in pts.items():
     first = next(iter(g.values()))
@@ -75,9 +75,10 @@ def findings(table: dict[str, Any], *, prefix: int | None = None, routed: str = 
            "flops": {row: r["flops"] for row, r in g.items()},
            "routing_accuracy": None if mine is None else mine["routing_accuracy"]}
     if mine is not None:
-      at_flops = _curve_at(lora_curve, mine["flops"]) if mine["flops"] else None
-      rec.update(vs_lora_all=_gap(mine["ppl"], ppl.get("lora_all")), vs_lora_all_flops=_gap(mine["ppl"], at_flops),
+      at = {row: _curve_at(c, mine["flops"]) if mine["flops"] else None for row, c in curve.items()}
+      rec.update(vs_lora_all=_gap(mine["ppl"], ppl.get("lora_all")), vs_lora_all_flops=_gap(mine["ppl"], at["lora_all"]),
                  vs_oracle=_gap(mine["ppl"], ppl.get("oracle")), vs_full=_gap(mine["ppl"], ppl.get("full")),
+                 vs_full_flops=_gap(mine["ppl"], at["full"]),
                  vs_lora_all_wide=_gap(mine["ppl"], ppl.get("lora_all_wide")))
     out_points.append(rec)
   out_points.sort(key=lambda r: (r["tokens_per_expert"] or 0, str(r["init"]), r["point"]))
@@ -108,8 +109,8 @@ def markdown(f: dict[str, Any]) -> str:
   """The findings as a Markdown section (one line per point, then the answers)."""
   lines = [f"## Findings at P = {f['prefix']} ({f['routed']} routing)", "",
            "| point | tok/expert | init | routed | lora_all | oracle | full | vs lora_all (tokens) | "
-           "vs lora_all (FLOPs) | vs oracle | vs full | routing acc. |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "vs lora_all (FLOPs) | vs oracle | vs full (tokens) | vs full (FLOPs) | routing acc. |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in f["points"]:
     ppl = r["ppl"]
     cell = lambda k: "-" if ppl.get(k) is None else f"{ppl[k]:.3f}"  # noqa: E731
@@ -117,7 +118,7 @@ def markdown(f: dict[str, Any]) -> str:
     lines.append(f"| {r['point']} | {r['tokens_per_expert']} | {r['init']} | {cell(f['routed'])} | "
                  f"{cell('lora_all')} | {cell('oracle')} | {cell('full')} | {_pct(r.get('vs_lora_all'))} | "
                  f"{_pct(r.get('vs_lora_all_flops'))} | {_pct(r.get('vs_oracle'))} | {_pct(r.get('vs_full'))} | "
-                 f"{acc} |")
+                 f"{_pct(r.get('vs_full_flops'))} | {acc} |")
   c = f["compass"]
   cross = "none in the sweep" if f["crossover"] is None else f"{f['crossover']} tokens per expert"
   lines += ["", f"- crossover (routed no worse than lora_all at equal tokens): {cross}",
