@@ -193,6 +193,14 @@ def test_findings_gaps_crossover_equal_flops_and_seed():
   assert f["crossover"] == 1000 and f["compass"]["routed_le_098_lora_all"]  # 7.8 / 8 = 0.975
   assert f["compass"]["routed_within_2pct_of_oracle"] and f["seed"] == {"b_seed": pytest.approx(7.6 / 7.8 - 1)}
   assert "crossover (routed no worse than lora_all at equal tokens): 1000 tokens per expert" in fnd.markdown(f)
+  # lora_all's tokens for the routed ppl, on its log-log curve (600, 10) -> (6000, 8): 11 lies above it,
+  # 7.8 below it; 9 inside
+  assert a["lora_all_equivalent_tokens"] is None and b["lora_all_equivalent_tokens"] is None
+  table["rows"] += rows("c", 300, "scratch", lora_all=9.5, centroid=9.0, oracle=9.0)
+  c = next(r for r in fnd.findings(table)["points"] if r["point"] == "c")
+  want = np.exp(np.interp(np.log(9.0), np.log([8.0, 9.5]), np.log([6000.0, 1800.0])))
+  assert c["lora_all_equivalent_tokens"] == pytest.approx(want) and c["token_efficiency"] == pytest.approx(want / 1800)
+  assert fnd._tokens_for([(1.0, 5.0), (2.0, 6.0)], 5.5) is None  # a curve that rises: no answer
 
 
 def test_grown_settings_are_only_more_baselines_and_new_neutral_fields():

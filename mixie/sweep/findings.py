@@ -15,6 +15,10 @@ one point train on the same tokens); `vs_lora_all_flops`, the routed row against
 the sweep's points interpolated (log-log) at the routed row's own FLOPs, where that lies inside the
 curve; `vs_oracle`, routing's own cost; `vs_full`, against full continued pre-training at equal tokens
 (6N per token: about 1.4x the routed row's FLOPs), and `vs_full_flops` on its curve at equal FLOPs.
+`lora_all_equivalent_tokens` reads lora_all's curve the other way: the training tokens at which lora_all
+reaches the routed row's perplexity (log-log, inside the curve, None elsewhere), and `token_efficiency`
+is that over the routed row's own tokens (1 = as good a use of a token as lora_all; 0.5 = lora_all gets
+there on half the tokens).
 """
 
 from __future__ import annotations
@@ -58,12 +62,24 @@ def _curve_at(points: list[tuple[float, float]], x: float) -> float | None:
   return float(np.exp(np.interp(np.log(x), lx, ly)))
 
 
+def _tokens_for(points: list[tuple[float, float]], y: float) -> float | None:
+  """The x at which the log-log curve through `(x, y)` points, y falling as x grows, reaches `y`;
+  None outside the curve or where it does not fall everywhere."""
+  pts = sorted((p for p in points if p[0] and p[1]), key=lambda p: p[0])
+  ys = [p[1] for p in pts]
+  if len(pts) < 2 or any(b >= a for a, b in zip(ys, ys[1:])) or not ys[-1] <= y <= ys[0]:
+    return None
+  lx, ly = np.log([p[0] for p in pts]), np.log(ys)
+  return float(np.exp(np.interp(np.log(y), ly[::-1], lx[::-1])))
+
+
 def findings(table: dict[str, Any], *, prefix: int | None = None, routed: str = "centroid") -> dict[str, Any]:
   """The answers of a sweep table at P = `prefix` (default: the largest P of every point) for the routed
   row `routed` (see the module docstring)."""
   p = int(prefix) if prefix else common_prefix(table)
   pts = _by_point(table, p)
   curve = {row: [(g[row]["flops"], g[row]["ppl"]) for g in pts.values() if row in g] for row in ("lora_all", "full")}
+  by_tokens = [(g["lora_all"]["tokens"], g["lora_all"]["ppl"]) for g in pts.values() if "lora_all" in g]
   out_points = []
   for name, g in pts.items():
     first = next(iter(g.values()))
@@ -80,6 +96,9 @@ def findings(table: dict[str, Any], *, prefix: int | None = None, routed: str = 
                  vs_oracle=_gap(mine["ppl"], ppl.get("oracle")), vs_full=_gap(mine["ppl"], ppl.get("full")),
                  vs_full_flops=_gap(mine["ppl"], at["full"]),
                  vs_lora_all_wide=_gap(mine["ppl"], ppl.get("lora_all_wide")))
+      equiv = _tokens_for(by_tokens, mine["ppl"])
+      rec.update(lora_all_equivalent_tokens=equiv,
+                 token_efficiency=None if equiv is None or not mine["tokens"] else equiv / mine["tokens"])
     out_points.append(rec)
   out_points.sort(key=lambda r: (r["tokens_per_expert"] or 0, str(r["init"]), r["point"]))
   scratch = [r for r in out_points if r["init"] in (None, "scratch") and r.get("vs_lora_all") is not None]
@@ -105,12 +124,18 @@ def _pct(v) -> str:
   return "-" if v is None else f"{100 * v:+.1f}%"
 
 
+def _equiv(r) -> str:
+  t, e = r.get("lora_all_equivalent_tokens"), r.get("token_efficiency")
+  return "-" if t is None else f"{t:,.0f} ({e:.2f}x)"
+
+
 def markdown(f: dict[str, Any]) -> str:
   """The findings as a Markdown section (one line per point, then the answers)."""
   lines = [f"## Findings at P = {f['prefix']} ({f['routed']} routing)", "",
            "| point | tok/expert | init | routed | lora_all | oracle | full | vs lora_all (tokens) | "
-           "vs lora_all (FLOPs) | vs oracle | vs full (tokens) | vs full (FLOPs) | routing acc. |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "vs lora_all (FLOPs) | vs oracle | vs full (tokens) | vs full (FLOPs) | routing acc. | "
+           "lora_all's tokens for the routed ppl (x the routed row's) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in f["points"]:
     ppl = r["ppl"]
     cell = lambda k: "-" if ppl.get(k) is None else f"{ppl[k]:.3f}"  # noqa: E731
@@ -118,7 +143,7 @@ def markdown(f: dict[str, Any]) -> str:
     lines.append(f"| {r['point']} | {r['tokens_per_expert']} | {r['init']} | {cell(f['routed'])} | "
                  f"{cell('lora_all')} | {cell('oracle')} | {cell('full')} | {_pct(r.get('vs_lora_all'))} | "
                  f"{_pct(r.get('vs_lora_all_flops'))} | {_pct(r.get('vs_oracle'))} | {_pct(r.get('vs_full'))} | "
-                 f"{_pct(r.get('vs_full_flops'))} | {acc} |")
+                 f"{_pct(r.get('vs_full_flops'))} | {acc} | {_equiv(r)} |")
   c = f["compass"]
   cross = "none in the sweep" if f["crossover"] is None else f"{f['crossover']} tokens per expert"
   lines += ["", f"- crossover (routed no worse than lora_all at equal tokens): {cross}",
