@@ -74,6 +74,9 @@ def test_two_point_sweep_resumes_after_sigkill_without_redoing_the_finished_poin
   scratch = next(r for r in found["points"] if r["point"] == "scratch")
   assert found["prefix"] == 8 and scratch["vs_lora_all"] == pytest.approx(
       rows[("scratch", 8, "centroid")]["ppl"] / rows[("scratch", 8, "lora_all")]["ppl"] - 1)
+  lo, hi = scratch["vs_lora_all_ci"]  # a paired bootstrap over the documents, around the gap itself
+  assert lo <= scratch["vs_lora_all"] <= hi and lo < hi
+  assert rows[("scratch", 8, "lora_all")]["vs_lora_all_ci"] is None and rows[("seed", 8, "centroid")]["vs_lora_all_ci"] is None
   assert "## Findings at P = 8" in md
 
 
@@ -201,6 +204,25 @@ def test_findings_gaps_crossover_equal_flops_and_seed():
   want = np.exp(np.interp(np.log(9.0), np.log([8.0, 9.5]), np.log([6000.0, 1800.0])))
   assert c["lora_all_equivalent_tokens"] == pytest.approx(want) and c["token_efficiency"] == pytest.approx(want / 1800)
   assert fnd._tokens_for([(1.0, 5.0), (2.0, 6.0)], 5.5) is None  # a curve that rises: no answer
+
+
+def test_paired_gap_interval():
+  """The bootstrap interval of a perplexity ratio: a point where every document has the same ratio,
+  the percentiles of an independent resampling loop otherwise, and wider on fewer documents."""
+  rng = np.random.default_rng(3)
+  tok = rng.integers(20, 200, 50).astype(float)
+  nll_b = tok * rng.uniform(2.0, 3.0, 50)
+  same = report.paired_gap_ci(nll_b + 0.05 * tok, tok, nll_b, tok)
+  assert same == pytest.approx([np.expm1(0.05)] * 2)
+  nll_a = nll_b + tok * rng.normal(0.05, 0.1, 50)
+  lo, hi = report.paired_gap_ci(nll_a, tok, nll_b, tok, samples=500, seed=7)
+  draws = np.random.default_rng(7).integers(0, 50, size=(500, 50))
+  ratios = [np.exp(nll_a[i].sum() / tok[i].sum() - nll_b[i].sum() / tok[i].sum()) - 1 for i in draws]
+  assert (lo, hi) == pytest.approx(tuple(np.quantile(ratios, [0.025, 0.975])))
+  point = np.exp(nll_a.sum() / tok.sum() - nll_b.sum() / tok.sum()) - 1
+  assert lo < point < hi
+  lo10, hi10 = report.paired_gap_ci(nll_a[:10], tok[:10], nll_b[:10], tok[:10], samples=500, seed=7)
+  assert hi10 - lo10 > hi - lo
 
 
 def test_grown_settings_are_only_more_baselines_and_new_neutral_fields():

@@ -13,7 +13,8 @@ trails the oracle, and what branching from a seed changes.
 Gaps are ratios minus one (positive: the first row is worse): `vs_lora_all` at equal tokens (the rows of
 one point train on the same tokens); `vs_lora_all_flops`, the routed row against lora_all's curve over
 the sweep's points interpolated (log-log) at the routed row's own FLOPs, where that lies inside the
-curve; `vs_oracle`, routing's own cost; `vs_full`, against full continued pre-training at equal tokens
+curve (`vs_lora_all_ci`: its 95% interval over the held-out documents, from the table); `vs_oracle`,
+routing's own cost; `vs_full`, against full continued pre-training at equal tokens
 (6N per token: about 1.4x the routed row's FLOPs), and `vs_full_flops` on its curve at equal FLOPs.
 `lora_all_equivalent_tokens` reads lora_all's curve the other way: the training tokens at which lora_all
 reaches the routed row's perplexity (log-log, inside the curve, None elsewhere), and `token_efficiency`
@@ -92,7 +93,8 @@ def findings(table: dict[str, Any], *, prefix: int | None = None, routed: str = 
            "routing_accuracy": None if mine is None else mine["routing_accuracy"]}
     if mine is not None:
       at = {row: _curve_at(c, mine["flops"]) if mine["flops"] else None for row, c in curve.items()}
-      rec.update(vs_lora_all=_gap(mine["ppl"], ppl.get("lora_all")), vs_lora_all_flops=_gap(mine["ppl"], at["lora_all"]),
+      rec.update(vs_lora_all=_gap(mine["ppl"], ppl.get("lora_all")), vs_lora_all_ci=mine.get("vs_lora_all_ci"),
+                 vs_lora_all_flops=_gap(mine["ppl"], at["lora_all"]),
                  vs_oracle=_gap(mine["ppl"], ppl.get("oracle")), vs_full=_gap(mine["ppl"], ppl.get("full")),
                  vs_full_flops=_gap(mine["ppl"], at["full"]),
                  vs_lora_all_wide=_gap(mine["ppl"], ppl.get("lora_all_wide")))
@@ -124,6 +126,11 @@ def _pct(v) -> str:
   return "-" if v is None else f"{100 * v:+.1f}%"
 
 
+def _ci(r) -> str:
+  ci = r.get("vs_lora_all_ci")
+  return "" if not ci else f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+
+
 def _equiv(r) -> str:
   t, e = r.get("lora_all_equivalent_tokens"), r.get("token_efficiency")
   return "-" if t is None else f"{t:,.0f} ({e:.2f}x)"
@@ -141,7 +148,7 @@ def markdown(f: dict[str, Any]) -> str:
     cell = lambda k: "-" if ppl.get(k) is None else f"{ppl[k]:.3f}"  # noqa: E731
     acc = "-" if r["routing_accuracy"] is None else f"{r['routing_accuracy']:.3f}"
     lines.append(f"| {r['point']} | {r['tokens_per_expert']} | {r['init']} | {cell(f['routed'])} | "
-                 f"{cell('lora_all')} | {cell('oracle')} | {cell('full')} | {_pct(r.get('vs_lora_all'))} | "
+                 f"{cell('lora_all')} | {cell('oracle')} | {cell('full')} | {_pct(r.get('vs_lora_all'))}{_ci(r)} | "
                  f"{_pct(r.get('vs_lora_all_flops'))} | {_pct(r.get('vs_oracle'))} | {_pct(r.get('vs_full'))} | "
                  f"{_pct(r.get('vs_full_flops'))} | {acc} | {_equiv(r)} |")
   c = f["compass"]

@@ -9,7 +9,11 @@ The table has one row per (point, routing prefix P, evaluation row), read from e
     tokens, flops        the row's training tokens and FLOPs (`mixie.compute`)
     train_loss           the loss at the end of the row's training run (the experts' pooled for routed
                          rows; `mixie.train.metrics.final_loss`): new data every step, so the number to
-                         choose hyper-parameters by, where held-out perplexity must not be
+                         choose hyper-parameters by, where held-out perplexity must not be. It is each
+                         run's own training mix: the experts weigh every topic by its budget, lora_all
+                         by its size, so compare it within a row (across lrs), not across rows
+    vs_lora_all_ci       the 95% interval of ppl / ppl(lora_all) - 1 over the held-out documents (a
+                         paired bootstrap of `eval/per_doc.npz`, fixed seed; None without that file)
     k, rank, tokens_per_expert, init, seed_fraction, lr, slots, docs   the point's settings and documents
 
 Written to `<sweep dir>/reports/<name>/`: `table.json`, `table.md` (a perplexity pivot, the long table
@@ -33,6 +37,7 @@ from mixie.sweep import findings as fnd
 from mixie.train.metrics import final_loss, read_curves
 
 TABLE_JSON, TABLE_MD, FINDINGS_JSON = "table.json", "table.md", "findings.json"
+BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED = 2000, 0
 PREFIX_FIELD = "eval.prefix_tokens"
 SETTINGS = {"k": "cluster.k", "rank": "lora.rank", "tokens_per_expert": "train.tokens_per_expert",
             "init": "train.init", "seed_fraction": "train.seed_fraction", "lr": "train.lr",
@@ -55,6 +60,35 @@ def _label(fields: Sequence[str], settings: dict) -> str:
   return ", ".join(f"{f.split('.')[-1]}={settings.get(f)}" for f in fields)
 
 
+def paired_gap_ci(nll_a: np.ndarray, tok_a: np.ndarray, nll_b: np.ndarray, tok_b: np.ndarray, *,
+                  samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED, level: float = 0.95):
+  """The `level` interval of ppl_a / ppl_b - 1 (token-weighted perplexities of two rows scored on the
+  same documents: per-document summed NLLs `nll_*` over `tok_*` tokens) under a paired bootstrap that
+  resamples documents, `[lo, hi]`."""
+  n = len(nll_a)
+  idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+  log_ratio = nll_a[idx].sum(1) / tok_a[idx].sum(1) - nll_b[idx].sum(1) / tok_b[idx].sum(1)
+  lo, hi = np.quantile(np.expm1(log_ratio), [(1 - level) / 2, (1 + level) / 2])
+  return [float(lo), float(hi)]
+
+
+def _gap_cis(wd, res) -> dict[tuple[int, str], list[float]]:
+  """`{(P, row): vs_lora_all_ci}` from the point's `eval/per_doc.npz` (empty without it or lora_all)."""
+  path = wd / "eval" / "per_doc.npz"
+  if not path.exists() or "lora_all" not in res["rows"]:
+    return {}
+  with np.load(path) as d:
+    per = {k: d[k].astype(np.float64) for k in d.files if k.endswith((".nll", ".tokens"))}
+  out = {}
+  for p in res["prefix_tokens"]:
+    ref = (per.get(f"p{p}.lora_all.nll"), per.get(f"p{p}.lora_all.tokens"))
+    for row in res["rows"]:
+      mine = (per.get(f"p{p}.{row}.nll"), per.get(f"p{p}.{row}.tokens"))
+      if row != "lora_all" and all(a is not None for a in (*ref, *mine)):
+        out[(int(p), row)] = paired_gap_ci(*mine, *ref)
+  return out
+
+
 def point_rows(sweep_dir, name: str, *, x: str = "", series: Sequence[str] = ()) -> list[dict[str, Any]]:
   """The table rows of one finished point of a sweep directory."""
   wd = mio.path(sweep_dir) / "points" / name
@@ -64,6 +98,7 @@ def point_rows(sweep_dir, name: str, *, x: str = "", series: Sequence[str] = ())
   experts = {int(e) for e in res.get("expert_of_topic", {}).values() if int(e) >= 0}
   curves = read_curves((wd.parent / rec["owner"] if rec.get("owner") else wd) / "metrics.jsonl") or {}
   end_loss = {mode: final_loss(c) for mode, c in curves.items()}
+  cis = _gap_cis(wd, res)
   base = {"point": name, "series": _label(series, settings), "docs": res["docs"],
           **{k: settings.get(f) for k, f in SETTINGS.items()}, "k": len(experts) or settings.get("cluster.k"),
           "rank": res.get("lora", {}).get("rank", settings.get("lora.rank"))}
@@ -75,7 +110,7 @@ def point_rows(sweep_dir, name: str, *, x: str = "", series: Sequence[str] = ())
       out.append({**base, "x": p if x == PREFIX_FIELD else settings.get(x), "prefix": int(p), "row": row,
                   "ppl": tab["ppl"][row], "routing_accuracy": tab["routing_accuracy"].get(row),
                   "tokens": c.get("tokens"), "flops": c.get("flops"),
-                  "train_loss": end_loss.get(RUN_OF_ROW.get(row, ""))})
+                  "train_loss": end_loss.get(RUN_OF_ROW.get(row, "")), "vs_lora_all_ci": cis.get((int(p), row))})
   return out
 
 
