@@ -13,8 +13,8 @@ trails the oracle, and what branching from a seed changes.
 Gaps are ratios minus one (positive: the first row is worse): `vs_lora_all` at equal tokens (the rows of
 one point train on the same tokens); `vs_lora_all_flops`, the routed row against lora_all's curve over
 the sweep's points interpolated (log-log) at the routed row's own FLOPs, where that lies inside the
-curve (`vs_lora_all_ci`: its 95% interval over the held-out documents, from the table); `vs_oracle`,
-routing's own cost; `vs_full`, against full continued pre-training at equal tokens
+curve; `vs_lora_all_ci`, the 95% interval of `vs_lora_all` over the held-out documents (from the
+table); `vs_oracle`, routing's own cost; `vs_full`, against full continued pre-training at equal tokens
 (6N per token: about 1.4x the routed row's FLOPs), and `vs_full_flops` on its curve at equal FLOPs.
 `lora_all_equivalent_tokens` reads lora_all's curve the other way: the training tokens at which lora_all
 reaches the routed row's perplexity (log-log, inside the curve, None elsewhere), and `token_efficiency`
@@ -68,10 +68,9 @@ def _tokens_for(points: list[tuple[float, float]], y: float) -> float | None:
   None outside the curve or where it does not fall everywhere."""
   pts = sorted((p for p in points if p[0] and p[1]), key=lambda p: p[0])
   ys = [p[1] for p in pts]
-  if len(pts) < 2 or any(b >= a for a, b in zip(ys, ys[1:])) or not ys[-1] <= y <= ys[0]:
+  if len(pts) < 2 or any(b >= a for a, b in zip(ys, ys[1:])):
     return None
-  lx, ly = np.log([p[0] for p in pts]), np.log(ys)
-  return float(np.exp(np.interp(np.log(y), ly[::-1], lx[::-1])))
+  return _curve_at([(py, px) for px, py in pts], y)  # a falling curve read the other way
 
 
 def findings(table: dict[str, Any], *, prefix: int | None = None, routed: str = "centroid") -> dict[str, Any]:
